@@ -1,0 +1,140 @@
+"""Tokenized task splits: read once, tokenize once, cache on disk, pad per batch.
+
+A split keeps token ids unpadded; `collate` pads to the longest text of the batch (dynamic padding),
+which with length-bucketed batches keeps almost no padding on the wire.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mtkit.config import Config, TaskConfig
+from mtkit.tasks import DataError, Example, get_kind, read_examples
+
+log = logging.getLogger("mtkit.data")
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class Split:
+    examples: list[Example]
+    tokens: list[tuple[list[int], ...]]   # per example, one id list per text
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def lengths(self) -> list[int]:
+        return [max(len(t) for t in texts) for texts in self.tokens]
+
+
+@dataclass
+class TaskData:
+    cfg: TaskConfig
+    splits: dict[str, Split]              # train / dev / test, those that were declared
+    sources: dict[str, str]               # split -> where it was read from
+
+
+def resolve_source(task: TaskConfig, split: str, root: Path, hub_fallback: bool) -> tuple[str, str, dict]:
+    """(path, format, columns) for one split; falls back to the task's hub copy when the file is absent."""
+    path = getattr(task, split)
+    if path.startswith("hf:"):
+        return path, "hf", task.columns
+    full = Path(path) if os.path.isabs(path) else root / path
+    if full.exists():
+        return str(full), task.format, task.columns
+    hub = task.hub.get(split)
+    if hub and hub_fallback:
+        log.warning("%s: %s not found; using the public hub copy %s (needs network access)",
+                    task.name, full, hub)
+        return hub, "hf", task.hub_columns or task.columns
+    raise DataError(str(full), None,
+                    f"file not found for task {task.name!r} ({split}). Put the CS224N files under the data "
+                    f"root (data.root in the config, or the MTKIT_DATA environment variable; currently "
+                    f"{root}), e.g. a copy of the project's shared data folder"
+                    + ("" if hub else ", or declare a hub copy in tasks[].hub"))
+
+
+def load_tasks(cfg: Config, tokenizer, splits=("train", "dev", "test")) -> dict[str, TaskData]:
+    root = cfg.data_root()
+    out = {}
+    for task in cfg.tasks:
+        loaded, sources = {}, {}
+        for split in splits:
+            if getattr(task, split) is None:
+                continue
+            src, fmt, columns = resolve_source(task, split, root, cfg.data.hub_fallback)
+            limit = task.max_train if split == "train" else task.max_eval
+            loaded[split] = _load_split(task, split, src, fmt, columns, limit, tokenizer,
+                                        cfg.model.max_length, Path(cfg.data.cache_dir))
+            sources[split] = src
+        if "train" in splits and "train" not in loaded:
+            raise DataError(f"<config task {task.name}>", None, "a task needs a train split")
+        out[task.name] = TaskData(task, loaded, sources)
+    return out
+
+
+def _load_split(task: TaskConfig, split: str, src: str, fmt: str, columns: dict, limit: int | None,
+                tokenizer, max_length: int, cache_dir: Path) -> Split:
+    key = _cache_key(task, split, src, fmt, columns, limit, tokenizer, max_length)
+    cached = cache_dir / f"{task.name}-{split}-{key}.pt"
+    if cached.exists():
+        data = torch.load(cached, weights_only=False)
+        return Split([Example(*e) for e in data["examples"]], data["tokens"])
+    examples = read_examples(src, kind=task.kind, fmt=fmt, columns=columns or None,
+                             num_labels=task.num_labels, label_names=task.label_names,
+                             label_range=tuple(task.label_range) if task.label_range else None,
+                             labelled=split != "test")
+    if limit is not None:
+        examples = examples[:limit]
+    n_texts = len(get_kind(task.kind).roles)
+    flat = [text for ex in examples for text in ex.texts]
+    ids = tokenizer(flat, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+    tokens = [tuple(ids[i * n_texts:(i + 1) * n_texts]) for i in range(len(examples))]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"examples": [(e.id, e.texts, e.label) for e in examples], "tokens": tokens}, tmp)
+    os.replace(tmp, cached)  # atomic, so concurrent ranks never read half a file
+    return Split(examples, tokens)
+
+
+def _cache_key(task, split, src, fmt, columns, limit, tokenizer, max_length) -> str:
+    stat = ""
+    if not src.startswith("hf:") and os.path.exists(src):
+        st = os.stat(src)
+        stat = f"{os.path.abspath(src)}:{st.st_size}:{st.st_mtime_ns}"
+    parts = [CACHE_VERSION, src, stat, fmt, sorted(columns.items()), limit, task.kind, task.num_labels,
+             task.label_names, task.label_range, split, tokenizer.name_or_path, len(tokenizer), max_length]
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def collate(tokens: list[tuple[list[int], ...]], labels: list, pad_id: int, label_dtype) -> dict:
+    """Pad a batch to its longest text.
+
+    Texts are laid out text-major: rows [k*B, (k+1)*B) hold text k of every example, so the encoder
+    embeds all texts of a pair task in one call and the head reshapes to [n_texts, B, H].
+    """
+    n_texts = len(tokens[0])
+    flat = [ex[k] for k in range(n_texts) for ex in tokens]
+    width = max(len(t) for t in flat)
+    input_ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(flat), width), dtype=torch.long)
+    for i, ids in enumerate(flat):
+        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[i, :len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "n_texts": n_texts}
+    if labels and labels[0] is not None:
+        batch["labels"] = torch.tensor(labels, dtype=label_dtype)
+    return batch
+
+
+def batch_for(task: TaskData, split: str, indices: list[int], pad_id: int) -> dict:
+    s = task.splits[split]
+    dtype = torch.float32 if get_kind(task.cfg.kind).label == "float" else torch.long
+    return collate([s.tokens[i] for i in indices], [s.examples[i].label for i in indices], pad_id, dtype)

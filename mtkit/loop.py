@@ -1,0 +1,148 @@
+"""The one training loop. It serves every engine and never imports deepspeed or diagnostics: it gets an
+engine (backward/step/save/load) and hooks (read-only observers) from `mtkit.run`."""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mtkit import checkpoint
+from mtkit.config import Config
+from mtkit.data.dataset import batch_for
+from mtkit.evaluate import evaluate
+
+
+class Hook:
+    """Observers called by the loop. They may read gradients and run side computations on
+    `engine.module`, but must leave training bit-for-bit unchanged."""
+
+    def on_backward(self, step: int, task: str, engine) -> None:
+        pass
+
+    def on_step(self, step: int, engine) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def total_steps(cfg: Config, sampler) -> int:
+    """Optimizer steps: train.max_steps, else epochs x sampler length / grad_accum."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    return max(1, math.floor(cfg.train.epochs * len(sampler) / cfg.train.grad_accum))
+
+
+def endless(sampler):
+    """Batches across epochs; a sampler restored mid-epoch continues where it stopped."""
+    epoch = sampler.state_dict()["epoch"]
+    while True:
+        sampler.set_epoch(epoch)
+        yield from sampler
+        epoch += 1
+
+
+def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hooks=(), writer=None,
+          resume: Path | None = None) -> dict:
+    steps = total_steps(cfg, sampler)
+    eval_every = cfg.train.eval_every or max(1, len(sampler) // cfg.train.grad_accum)
+    pad_id = model.pad_id
+    step, best = 0, {"overall": -math.inf, "step": None, "dev": {}}
+    if resume is not None:
+        client = checkpoint.load(engine, resume, dist)
+        step, best = client["step"], client["best"]
+        sampler.load_state_dict(client["sampler"])
+    batches = endless(sampler)
+    probing = cfg.train.mode == "linear_probe" or (cfg.train.mode == "lp_ft" and step < cfg.train.lp_steps)
+    model.freeze_encoder(probing)
+    model.train()
+
+    loss_sum = {t: torch.zeros((), device=dist.device) for t in tasks}
+    loss_n = dict.fromkeys(tasks, 0)
+    samples, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
+    total_samples, eval_time = 0, 0.0
+    bar = tqdm(total=steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
+    while step < steps:
+        if cfg.train.mode == "lp_ft" and step == cfg.train.lp_steps:
+            model.freeze_encoder(False)
+        for _ in range(cfg.train.grad_accum):
+            task, indices = next(batches)
+            batch = _to(batch_for(tasks[task], "train", indices, pad_id), dist.device)
+            with engine.autocast():
+                loss = engine(task, batch)
+            engine.backward(loss)
+            for h in hooks:
+                h.on_backward(step, task, engine)
+            engine.step()
+            loss_sum[task] += loss.detach().float()
+            loss_n[task] += 1
+            samples += len(indices) * dist.world_size
+            total_samples += len(indices) * dist.world_size
+        step += 1
+        bar.update(1)
+        for h in hooks:
+            h.on_step(step, engine)
+
+        if step % cfg.train.log_every == 0 or step == steps:
+            now = time.perf_counter()
+            if writer is not None:
+                for t in tasks:
+                    if loss_n[t]:
+                        writer.add_scalar(f"train/loss/{t}", (loss_sum[t] / loss_n[t]).item(), step)
+                for name, lr in engine.lrs().items():
+                    writer.add_scalar(f"lr/{name}", lr, step)
+                writer.add_scalar("throughput/samples_per_s", samples / (now - t_log), step)
+            bar.set_postfix({t: f"{(loss_sum[t] / loss_n[t]).item():.3f}" for t in tasks if loss_n[t]})
+            loss_sum = {t: torch.zeros((), device=dist.device) for t in tasks}
+            loss_n = dict.fromkeys(tasks, 0)
+            samples, t_log = 0, time.perf_counter()
+
+        if step % eval_every == 0 or step == steps:
+            t_eval = time.perf_counter()
+            best = _evaluate_and_keep_best(cfg, out, model, tasks, dist, writer, step, best)
+            t_log = time.perf_counter()  # evaluation time is not training throughput
+            eval_time += t_log - t_eval
+            if cfg.train.save_checkpoints:
+                checkpoint.save(engine, out / "checkpoints", step,
+                                {"step": step, "best": best, "sampler": sampler.state_dict()}, dist)
+    bar.close()
+    for h in hooks:
+        h.close()
+    wall = time.perf_counter() - t_start
+    return {"best": best, "steps": step, "wall_time_s": wall, "eval_time_s": eval_time,
+            "samples_per_s": total_samples / max(1e-9, wall - eval_time)}
+
+
+def _evaluate_and_keep_best(cfg, out, model, tasks, dist, writer, step, best) -> dict:
+    staging = out / "predictions.tmp"
+    metrics = evaluate(model, tasks, "dev", cfg.train.eval_batch_size, dist.device, gather=dist,
+                       pred_dir=staging if dist.is_main and "dev" in cfg.train.predict else None)
+    if writer is not None:
+        for task, m in metrics.items():
+            if isinstance(m, dict):
+                for k, v in m.items():
+                    writer.add_scalar(f"dev/{task}/{k}", v, step)
+        if "overall" in metrics:
+            writer.add_scalar("dev/overall", metrics["overall"], step)
+    score = metrics.get("overall", -step)  # without labelled dev data, the latest model counts as best
+    if score > best["overall"]:
+        best = {"overall": score, "step": step, "dev": metrics}
+        if dist.is_main:
+            (out / "best").mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), out / "best" / "model.pt.tmp")
+            (out / "best" / "model.pt.tmp").replace(out / "best" / "model.pt")
+            if staging.exists():
+                shutil.rmtree(out / "predictions", ignore_errors=True)
+                staging.replace(out / "predictions")
+    if dist.is_main and staging.exists():
+        shutil.rmtree(staging)
+    dist.barrier()
+    return best
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -1,0 +1,129 @@
+"""Task heads. One module per task; pair tasks pick a decoder that turns (u, v) into features."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtkit.config import TaskConfig
+
+
+# Decoders: (u [B, H], v [B, H]) -> features [B, D]; `dim(H)` gives D.
+class Decoder:
+    def dim(self, hidden: int) -> int:
+        raise NotImplementedError
+
+    def __call__(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Concat(Decoder):
+    def dim(self, hidden):
+        return 2 * hidden
+
+    def __call__(self, u, v):
+        return torch.cat([u, v], dim=-1)
+
+
+class Product(Decoder):
+    """The study's 'weighted dot product': a linear layer over u*v is a learned weighting of u.v."""
+
+    def dim(self, hidden):
+        return hidden
+
+    def __call__(self, u, v):
+        return u * v
+
+
+class SBert(Decoder):
+    def dim(self, hidden):
+        return 4 * hidden
+
+    def __call__(self, u, v):
+        return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
+
+
+class Cosine(Decoder):
+    """A single feature, cos(u, v); the head's linear layer scales and shifts it."""
+
+    def dim(self, hidden):
+        return 1
+
+    def __call__(self, u, v):
+        return F.cosine_similarity(u, v, dim=-1).unsqueeze(-1)
+
+
+DECODERS: dict[str, type[Decoder]] = {"concat": Concat, "product": Product, "sbert": SBert, "cosine": Cosine}
+
+
+class Head(nn.Module):
+    """embeddings [n_texts, B, H] -> logits [B, C] (classification) or scores [B] (regression)."""
+
+    def __init__(self, task: TaskConfig, in_dim: int, out_dim: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Dropout(task.dropout)] if in_dim > 1 else []
+        if task.head_hidden > 0:
+            layers += [nn.Linear(in_dim, task.head_hidden), nn.GELU(), nn.Dropout(task.dropout)]
+            in_dim = task.head_hidden
+        self.mlp = nn.Sequential(*layers)
+        self.out = nn.Linear(in_dim, out_dim)
+        self.regression = task.kind == "pair_regression"
+
+    def features(self, emb: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        y = self.out(self.mlp(self.features(emb)))
+        return y.squeeze(-1) if self.regression else y
+
+
+class SentenceHead(Head):
+    def __init__(self, task: TaskConfig, hidden: int):
+        super().__init__(task, hidden, _num_labels(task))
+
+    def features(self, emb):
+        return emb[0]
+
+
+class PairHead(Head):
+    def __init__(self, task: TaskConfig, hidden: int):
+        decoder = DECODERS[task.decoder]()
+        out_dim = 1 if task.kind == "pair_regression" else _num_labels(task)
+        super().__init__(task, decoder.dim(hidden), out_dim)
+        self.decoder = decoder
+        if task.decoder == "cosine" and task.kind == "pair_regression" and task.label_range:
+            # Start at score = low + (high - low) * cos, the usual cosine-to-score map.
+            low, high = task.label_range
+            with torch.no_grad():
+                self.out.weight.fill_(high - low)
+                self.out.bias.fill_(low)
+
+    def features(self, emb):
+        return self.decoder(emb[0], emb[1])
+
+
+class EmbeddingHead(nn.Module):
+    """Contrastive tasks have no parameters: the loss works on the embeddings themselves."""
+
+    def __init__(self, task: TaskConfig, hidden: int):
+        super().__init__()
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return emb
+
+
+HEADS: dict[str, type[nn.Module]] = {
+    "classification": SentenceHead,
+    "pair_classification": PairHead,
+    "pair_regression": PairHead,
+    "contrastive": EmbeddingHead,
+    "sentences": EmbeddingHead,
+}
+
+
+def make_head(task: TaskConfig, hidden: int) -> nn.Module:
+    return HEADS[task.kind](task, hidden)
+
+
+def _num_labels(task: TaskConfig) -> int:
+    return task.num_labels or len(task.label_names or [])

@@ -1,0 +1,87 @@
+"""One shared encoder, one head per task, one task per batch."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtkit import objectives
+from mtkit.config import Config, TaskConfig
+from mtkit.model.encoder import Encoder
+from mtkit.model.heads import make_head
+
+NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "layer_norm.bias")
+
+
+class MultiTaskModel(nn.Module):
+    def __init__(self, encoder: Encoder, tasks: list[TaskConfig], contrastive_temperature: float = 0.05):
+        super().__init__()
+        self.encoder = encoder
+        self.tasks = {t.name: t for t in tasks}
+        self.heads = nn.ModuleDict({t.name: make_head(t, encoder.hidden_size) for t in tasks})
+        self.temperature = contrastive_temperature
+        self.encoder_frozen = False
+
+    # ------------------------------------------------------------ parameters
+    def shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.encoder.named_parameters() if p.requires_grad]
+
+    def head_parameters(self, task: str) -> list[tuple[str, nn.Parameter]]:
+        return [(f"heads.{task}.{n}", p) for n, p in self.heads[task].named_parameters()]
+
+    def param_groups(self, cfg: Config) -> list[dict]:
+        """Encoder (with and without weight decay) plus one group per head, each with its own lr.
+
+        Groups carry a `name` so engines, schedulers and TensorBoard can address them.
+        """
+        decay, no_decay = [], []
+        for n, p in self.shared_parameters():
+            (no_decay if n.endswith(NO_DECAY) else decay).append(p)
+        groups = [
+            {"name": "encoder", "params": decay, "lr": cfg.optim.encoder_lr,
+             "weight_decay": cfg.optim.encoder_weight_decay},
+            {"name": "encoder.no_decay", "params": no_decay, "lr": cfg.optim.encoder_lr, "weight_decay": 0.0},
+        ]
+        for name, task in self.tasks.items():
+            params = [p for _, p in self.head_parameters(name)]
+            if params:
+                groups.append({"name": f"head.{name}", "params": params, "lr": task.lr,
+                               "weight_decay": task.weight_decay})
+        return groups
+
+    def freeze_encoder(self, frozen: bool) -> None:
+        """Linear probing: the encoder runs without autograd and without dropout."""
+        self.encoder_frozen = frozen
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
+
+    # ------------------------------------------------------------ forward
+    def embed(self, batch: dict) -> torch.Tensor:
+        # batch input_ids [n_texts * B, L] (text-major) -> [n_texts, B, H]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+            emb = self.encoder(batch["input_ids"], batch["attention_mask"])
+        return emb.view(batch["n_texts"], -1, emb.shape[-1])
+
+    def predict(self, task: str, emb: torch.Tensor) -> torch.Tensor:
+        if self.tasks[task].leave_out:
+            emb = emb.detach()  # the head still learns; the encoder never sees this task's loss
+        return self.heads[task](emb)
+
+    def loss(self, task: str, output: torch.Tensor, batch: dict) -> torch.Tensor:
+        cfg = self.tasks[task]
+        if cfg.kind in ("contrastive", "sentences"):
+            negative = output[2] if output.shape[0] > 2 else None
+            return objectives.info_nce(output[0], output[1], negative, self.temperature)
+        name = objectives.DEFAULT_LOSS[cfg.kind] if cfg.loss == "auto" else cfg.loss
+        return cfg.weight * objectives.LOSSES[name](output, batch["labels"])
+
+    def forward(self, task: str, batch: dict) -> torch.Tensor:
+        return self.loss(task, self.predict(task, self.embed(batch)), batch)
+
+
+def build_model(cfg: Config) -> MultiTaskModel:
+    return MultiTaskModel(Encoder(cfg.model), cfg.tasks)

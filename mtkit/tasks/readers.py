@@ -1,0 +1,300 @@
+"""Read task data into :class:`Example` lists.
+
+Formats (``fmt``):
+
+``cs224n``
+    The CS224N minBERT files: tab-separated despite the ``.csv`` name, a header row and an
+    unnamed leading index column, read by column name (so extra columns are ignored).
+``tsv`` / ``csv``
+    Tab- / comma-separated with a header row; columns by name, default csv quoting.
+``jsonl``
+    One JSON object per line; columns are keys.
+``lines``
+    Plain text, one sentence per line, for kinds with a single text role and no label
+    (``sentences``, or any such kind read with ``labelled=False``).
+``hf``
+    A Hugging Face ``datasets`` dataset named by the path ``hf:NAME[:CONFIG]@SPLIT``, e.g.
+    ``hf:SetFit/sst5@train``, ``hf:glue:qqp@validation``, ``hf:sentence-transformers/stsb@test``.
+    The config is separated by ``:`` because hub names themselves contain ``/``; SPLIT is
+    required and may use ``datasets`` slicing (``train[:1000]``). Line numbers in errors and
+    default ids are 0-based row indices.
+``auto`` (default)
+    ``hf:`` prefix -> hf, ``.jsonl`` -> jsonl, ``.txt`` -> lines; otherwise the header line is
+    sniffed: a tab means tab-separated (cs224n/tsv), else csv.
+
+Files may have a UTF-8 BOM, CRLF line endings and no final newline. Blank lines are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
+from typing import Any, TextIO
+
+from .base import DataError, Example, KindSpec, get_kind
+
+log = logging.getLogger("mtkit.tasks")
+
+Row = Mapping[str, Any]
+# A format reader takes the path and the column names it must provide, and yields
+# (physical line number, row) pairs in file order.
+RowReader = Callable[[str, Sequence[str]], Iterator[tuple[int, Row]]]
+
+DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
+    "classification": {"id": "id", "text": "sentence", "label": "sentiment"},
+    "pair_classification": {"id": "id", "text1": "sentence1", "text2": "sentence2", "label": "is_duplicate"},
+    "pair_regression": {"id": "id", "text1": "sentence1", "text2": "sentence2", "label": "similarity"},
+    "contrastive": {"id": "id", "anchor": "sent0", "positive": "sent1", "negative": "hard_neg"},
+    "sentences": {"id": "id", "text": "sentence"},
+}
+
+# DictReader's restkey: collects fields beyond the header; no real header name can equal it.
+_EXTRA_FIELDS = "\0extra"
+_HF_PATH = re.compile(r"(?:hf:)?(?P<name>[^:@]+)(?::(?P<config>[^@]+))?@(?P<split>.+)")
+_WARN_EXAMPLES = 5
+
+
+def _open(path: str) -> TextIO:
+    try:
+        # newline="" lets csv see quoted newlines and CR/LF untranslated; utf-8-sig drops a BOM.
+        return open(path, encoding="utf-8-sig", newline="")
+    except FileNotFoundError:
+        raise DataError(path, None, "file not found; set data.root or MTKIT_DATA to the data directory") from None
+    except OSError as exc:
+        raise DataError(path, None, f"cannot open file: {exc.strerror}") from None
+
+
+def _check_columns(path: str, line: int | None, found: Sequence[str], required: Sequence[str]) -> None:
+    missing = [name for name in required if name not in found]
+    if missing:
+        raise DataError(
+            path, line, f"missing column(s) {', '.join(map(repr, missing))}; columns found: {list(found)}"
+        )
+
+
+def _read_delimited(path: str, required: Sequence[str], *, delimiter: str) -> Iterator[tuple[int, Row]]:
+    with _open(path) as fp:
+        reader = csv.DictReader(fp, delimiter=delimiter, restkey=_EXTRA_FIELDS, restval=None)
+        try:
+            header = reader.fieldnames
+            if header is None:
+                raise DataError(path, None, "empty file: no header row")
+            _check_columns(path, 1, header, required)
+            for row in reader:
+                extra = row.get(_EXTRA_FIELDS, [])
+                absent = sum(value is None for value in row.values())
+                if extra or absent:
+                    count = len(header) + len(extra) - absent
+                    problem = f"row has {count} fields but the header has {len(header)}"
+                    raise DataError(path, reader.line_num, problem)
+                yield reader.line_num, row
+        except csv.Error as exc:
+            raise DataError(path, reader.line_num, f"malformed row: {exc}") from None
+
+
+def _read_jsonl(path: str, required: Sequence[str]) -> Iterator[tuple[int, Row]]:
+    with _open(path) as fp:
+        for line, text in enumerate(fp, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, line, f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+            if not isinstance(row, dict):
+                raise DataError(path, line, f"expected a JSON object, got {type(row).__name__}")
+            _check_columns(path, line, list(row), required)
+            yield line, row
+
+
+def _read_lines(path: str, required: Sequence[str]) -> Iterator[tuple[int, Row]]:
+    if len(required) != 1:
+        raise DataError(
+            path, None, f"the lines format holds one sentence per line but columns {list(required)} are needed; "
+            "use kind='sentences' or labelled=False"
+        )
+    column = required[0]
+    with _open(path) as fp:
+        for line, text in enumerate(fp, start=1):
+            if text.strip():
+                yield line, {column: text}
+
+
+def _read_hf(path: str, required: Sequence[str]) -> Iterator[tuple[int, Row]]:
+    match = _HF_PATH.fullmatch(path)
+    if match is None:
+        raise DataError(path, None, "expected a path like hf:NAME[:CONFIG]@SPLIT, e.g. hf:glue:sst2@validation")
+    name, config, split = match.group("name", "config", "split")
+    try:
+        import datasets  # lazy: slow to import and only needed for hub data
+    except ImportError:
+        raise DataError(path, None, "the hf format needs the 'datasets' package") from None
+    try:
+        data = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # datasets raises many types: connection, missing config/split, ...
+        raise DataError(
+            path, None, f"cannot load Hugging Face dataset {name!r} (config {config!r}, split {split!r}); "
+            f"offline or unavailable? {type(exc).__name__}: {exc}"
+        ) from exc
+    _check_columns(path, None, list(data.column_names), required)
+    yield from enumerate(data)
+
+
+FORMATS: dict[str, RowReader] = {
+    "cs224n": partial(_read_delimited, delimiter="\t"),
+    "tsv": partial(_read_delimited, delimiter="\t"),
+    "csv": partial(_read_delimited, delimiter=","),
+    "jsonl": _read_jsonl,
+    "lines": _read_lines,
+    "hf": _read_hf,
+}
+
+
+def _detect_format(path: str) -> str:
+    if path.startswith("hf:"):
+        return "hf"
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".jsonl":
+        return "jsonl"
+    if suffix == ".txt":
+        return "lines"
+    with _open(path) as fp:
+        header = fp.readline()
+    return "tsv" if "\t" in header else "csv"
+
+
+def _resolve_columns(path: str, spec: KindSpec, columns: Mapping[str, str] | None) -> dict[str, str]:
+    roles = {"id", *spec.roles, *(["label"] if spec.label else [])}
+    unknown = sorted(set(columns or {}) - roles)
+    if unknown:
+        raise DataError(
+            path, None, f"unknown role(s) {unknown} in columns for kind {spec.name!r}; roles: {sorted(roles)}"
+        )
+    return {**DEFAULT_COLUMNS[spec.name], **(columns or {})}
+
+
+def _is_blank(value: object) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _text(value: object, column: str) -> str:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"column {column!r} should hold text, got {type(value).__name__} {value!r}")
+    text = (value or "").strip()
+    if not text:
+        raise ValueError(f"empty sentence in column {column!r}")
+    return text
+
+
+def _number(value: object, column: str, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"label {value!r} in column {column!r} is not {expected}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"label {value!r} in column {column!r} is not {expected}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"label {value!r} in column {column!r} is not finite")
+    return number
+
+
+def _int_label(value: object, column: str, label_names: Sequence[str] | None, num_labels: int | None) -> int:
+    if label_names is not None and isinstance(value, str) and value.strip() in label_names:
+        return list(label_names).index(value.strip())
+    expected = f"a number or one of {list(label_names)}" if label_names is not None else "a number"
+    number = _number(value, column, expected)
+    if number != int(number):
+        raise ValueError(f"label {value!r} in column {column!r} is not an integer")
+    label = int(number)
+    if label < 0 or (num_labels is not None and label >= num_labels):
+        bounds = f"[0, {num_labels})" if num_labels is not None else ">= 0"
+        raise ValueError(f"label {value!r} in column {column!r} is out of range {bounds}")
+    return label
+
+
+def _float_label(value: object, column: str, label_range: tuple[float, float] | None) -> float:
+    number = _number(value, column, "a number")
+    if label_range is not None and not label_range[0] <= number <= label_range[1]:
+        raise ValueError(f"label {value!r} in column {column!r} is outside [{label_range[0]}, {label_range[1]}]")
+    return number
+
+
+def read_examples(
+    path: str | os.PathLike[str],
+    *,
+    kind: str,
+    fmt: str = "auto",
+    columns: Mapping[str, str] | None = None,
+    num_labels: int | None = None,
+    label_names: Sequence[str] | None = None,
+    label_range: tuple[float, float] | None = None,
+    labelled: bool = True,
+) -> list[Example]:
+    """Read every example of ``path`` (see the module docstring for formats), in file order.
+
+    ``columns`` maps roles (the kind's text roles, ``label``, ``id``) to column names, overriding
+    the CS224N defaults in :data:`DEFAULT_COLUMNS`. A default ``id`` column that is absent gives
+    ids equal to the line number. Int labels may be numbers (``"3"``, ``"1.0"``) or, with
+    ``label_names``, names. ``labelled=False`` reads splits without labels (label None).
+    Rows with an empty label are skipped with one warning per file. Raises :class:`DataError`.
+    """
+    path = os.fspath(path)
+    try:
+        spec = get_kind(kind)
+    except ValueError as exc:
+        raise DataError(path, None, str(exc)) from None
+    cols = _resolve_columns(path, spec, columns)
+    has_label = labelled and spec.label is not None
+    required = [cols[role] for role in spec.roles]
+    if has_label:
+        required.append(cols["label"])
+    if columns is not None and "id" in columns:
+        required.append(cols["id"])
+    if label_names is not None:
+        if num_labels is not None and num_labels != len(label_names):
+            raise DataError(path, None, f"num_labels={num_labels} but {len(label_names)} label_names given")
+        num_labels = len(label_names)
+
+    try:
+        if fmt == "auto":
+            fmt = _detect_format(path)
+        if fmt not in FORMATS:
+            valid = ", ".join(["auto", *sorted(FORMATS)])
+            raise DataError(path, None, f"unknown format {fmt!r}; valid formats: {valid}")
+        examples: list[Example] = []
+        skipped: list[str] = []
+        for line, row in FORMATS[fmt](path, required):
+            raw_id = row.get(cols["id"])
+            example_id = str(line) if _is_blank(raw_id) else str(raw_id).strip()
+            if has_label and _is_blank(row[cols["label"]]):
+                skipped.append(f"line {line} (id {example_id})")
+                continue
+            try:
+                texts = tuple(_text(row[cols[role]], cols[role]) for role in spec.roles)
+                label: int | float | None = None
+                if has_label and spec.label == "int":
+                    label = _int_label(row[cols["label"]], cols["label"], label_names, num_labels)
+                elif has_label:
+                    label = _float_label(row[cols["label"]], cols["label"], label_range)
+            except ValueError as exc:
+                raise DataError(path, line, str(exc)) from None
+            examples.append(Example(example_id, texts, label))
+    except UnicodeDecodeError as exc:
+        raise DataError(path, None, f"not UTF-8 text: {exc.reason}") from None
+
+    if skipped and not examples:
+        raise DataError(path, None, f"all {len(skipped)} rows have an empty label in column {cols['label']!r}")
+    if not examples:
+        raise DataError(path, None, "no rows: the dataset is empty")
+    if skipped:
+        shown = ", ".join(skipped[:_WARN_EXAMPLES]) + (", ..." if len(skipped) > _WARN_EXAMPLES else "")
+        log.warning(
+            "%s: skipped %d row(s) with an empty label in column %r: %s", path, len(skipped), cols["label"], shown
+        )
+    return examples
