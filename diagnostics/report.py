@@ -1,0 +1,140 @@
+"""Summarise a run's ``diagnostics.jsonl``: per task pair, how often and where gradients conflict."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+JSONL_NAME = "diagnostics.jsonl"
+MOST_NEGATIVE_LAYERS = 3
+
+
+def load_records(run_dir: str | os.PathLike[str]) -> list[dict]:
+    """Records of ``run_dir/diagnostics.jsonl`` in file order (blank lines skipped).
+
+    Raises FileNotFoundError if the file is missing and ValueError naming the
+    file and line number for a line that is not a JSON record with ``step``
+    and ``cos``.
+    """
+    path = Path(run_dir) / JSONL_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no diagnostics file: {path}")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
+            if not isinstance(record, dict) or "step" not in record or "cos" not in record:
+                raise ValueError(f"{path}:{lineno}: not a diagnostics record (needs 'step' and 'cos')")
+            records.append(record)
+    return records
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _std(values: list[float]) -> float:
+    """Population standard deviation (0 for a single value)."""
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+
+
+def summarize_run(run_dir: str | os.PathLike[str]) -> dict:
+    """Per-pair conflict summary over all records of a run.
+
+    Returns ``{"records": n, "steps": [first, last] | None, "tasks", "groups",
+    "pairs": {"a__b": {"n", "cos_mean", "cos_std" (population),
+    "conflict_share" (fraction of records with cos < 0), "layer_cos_mean"
+    {group: mean cosine}, "most_negative_layers" [up to 3 groups with
+    negative mean cosine, most negative first]}}}``.  A pair is averaged over
+    the records that contain it.
+    """
+    records = load_records(run_dir)
+    tasks: dict[str, None] = {}
+    groups: dict[str, None] = {}
+    cos: dict[str, list[float]] = {}
+    layer: dict[str, dict[str, list[float]]] = {}
+    for record in records:
+        tasks |= dict.fromkeys(record.get("tasks", []))
+        groups |= dict.fromkeys(record.get("groups", []))
+        for pair, value in record["cos"].items():
+            cos.setdefault(pair, []).append(value)
+        for pair, per_group in record.get("layer_cos", {}).items():
+            for group, value in per_group.items():
+                layer.setdefault(pair, {}).setdefault(group, []).append(value)
+
+    pairs = {}
+    for pair, values in cos.items():
+        layer_mean = {g: _mean(v) for g, v in layer.get(pair, {}).items()}
+        negative = sorted((v, g) for g, v in layer_mean.items() if v < 0)
+        pairs[pair] = {
+            "n": len(values),
+            "cos_mean": _mean(values),
+            "cos_std": _std(values),
+            "conflict_share": sum(v < 0 for v in values) / len(values),
+            "layer_cos_mean": layer_mean,
+            "most_negative_layers": [g for _, g in negative[:MOST_NEGATIVE_LAYERS]],
+        }
+    steps = [record["step"] for record in records]
+    return {
+        "records": len(records),
+        "steps": [min(steps), max(steps)] if steps else None,
+        "tasks": list(tasks),
+        "groups": list(groups),
+        "pairs": pairs,
+    }
+
+
+def format_table(summary: dict) -> str:
+    """Fixed-width table of :func:`summarize_run`'s output, one row per task pair."""
+    steps = summary["steps"]
+    span = f", steps {steps[0]}..{steps[1]}" if steps else ""
+    lines = [f"{summary['records']} records{span}"]
+    if not summary["pairs"]:
+        return "\n".join(lines)
+    width = max(len("pair"), *(len(p) for p in summary["pairs"]))
+    header = f"{'pair':<{width}}  {'cos mean':>8}  {'cos std':>7}  {'conflict':>8}  most negative layers"
+    lines += [header, "-" * len(header)]
+    for pair, s in summary["pairs"].items():
+        worst = ", ".join(f"{g} ({s['layer_cos_mean'][g]:+.3f})" for g in s["most_negative_layers"])
+        lines.append(
+            f"{pair:<{width}}  {s['cos_mean']:>+8.3f}  {s['cos_std']:>7.3f}  "
+            f"{s['conflict_share']:>8.1%}  {worst or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def plot_run(run_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Write a PNG of each pair's overall gradient cosine against step, with a zero line."""
+    records = sorted(load_records(run_dir), key=lambda r: r["step"])
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for record in records:
+        for pair, value in record["cos"].items():
+            steps, values = series.setdefault(pair, ([], []))
+            steps.append(record["step"])
+            values.append(value)
+    figure = Figure(figsize=(7.0, 4.0))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    for pair, (steps, values) in series.items():
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None, label=pair)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient cosine")
+    ax.set_title("task-pair gradient cosine (below 0: conflict)")
+    if series:
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
