@@ -36,11 +36,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def engine_name(cfg: Config) -> str:
-    """`train.engine: auto` picks DeepSpeed when a DeepSpeed JSON is configured, else plain torch."""
-    if cfg.train.engine != "auto":
-        return cfg.train.engine
-    return "deepspeed" if cfg.deepspeed.config else "torch"
+def engine_name(cfg: Config, dist: Dist) -> str:
+    """`train.engine: auto` picks DeepSpeed for multi-rank launches (deepspeed, torchrun) or when a
+    DeepSpeed JSON is configured, else the plain torch engine."""
+    name = cfg.train.engine
+    if name == "auto":
+        name = "deepspeed" if cfg.deepspeed.config or dist.world_size > 1 else "torch"
+    if name == "torch" and dist.world_size > 1:
+        raise ValueError("train.engine = torch runs one process; use the deepspeed engine for "
+                         f"{dist.world_size} ranks")
+    return name
 
 
 def make_sampler(cfg: Config, tasks: dict, dist: Dist) -> TaskBatchSampler:
@@ -75,7 +80,7 @@ def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
     tokenizer, tasks, model = build(cfg, dist)
     sampler = make_sampler(cfg, tasks, dist)
     steps = loop.total_steps(cfg, sampler)
-    name = engine_name(cfg)
+    name = engine_name(cfg, dist)
     engine = make_engine(name, model, cfg, steps, dist)
     seed_everything(cfg.train.seed + dist.rank)  # dropout streams differ per rank, as with W devices
 

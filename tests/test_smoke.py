@@ -1,4 +1,5 @@
 """End-to-end runs of the tiny config: pinned losses, outputs on disk, exact resume, `mtkit eval`."""
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -71,6 +72,20 @@ def test_outputs_on_disk(tiny_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_12", "step_18"]
 
 
+def test_probe_diagnostics_leave_training_bit_identical(tiny_run, tmp_path):
+    cfg, out, _ = tiny_run
+    assert cfg.diagnostics.mode == "probe"
+    off = tmp_path / "off"
+    run(dataclasses.replace(cfg, diagnostics=dataclasses.replace(cfg.diagnostics, mode="off")), off)
+    assert scalars(off, "train/loss/") == scalars(out, "train/loss/")
+    assert not scalars(off, "conflict/")
+    steps = [s for s, _ in scalars(out, "conflict/rate")["conflict/rate"]]
+    assert steps == list(range(cfg.diagnostics.every, 19, cfg.diagnostics.every))
+    a = torch.load(out / "best" / "model.pt")
+    b = torch.load(off / "best" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_continues_exactly(tiny_run, tmp_path):
     cfg, out, _ = tiny_run
     resumed = tmp_path / "resumed"
@@ -106,6 +121,9 @@ def test_debug_tiny_on_the_real_data(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["sizes"]["quora"] == {"train": 256, "dev": 128}
     assert 0 <= saved["dev"]["sst"]["acc"] <= 1
+    cos = scalars(out, "conflict/cos/")
+    assert set(cos) == {"conflict/cos/sst__quora", "conflict/cos/sst__sts", "conflict/cos/quora__sts"}
+    assert all(-1 <= v <= 1 for series in cos.values() for _, v in series)
 
 
 def test_bad_data_fails_with_file_and_line(toy_root, tiny_cfg, tmp_path):

@@ -48,6 +48,33 @@ class Engine:
         raise NotImplementedError
 
 
+class GroupMaskedAdamW(torch.optim.AdamW):
+    """AdamW that steps only the param groups marked active for this step.
+
+    Engines that flatten parameters (DeepSpeed ZeRO, its bf16 optimizer) hand the inner optimizer zero
+    gradients for heads that had no loss this step; plain AdamW would still move them through their
+    moments and weight decay. The engine marks which groups saw a loss; the rest are left untouched,
+    weights and state alike. Activity must be identical on every rank (it is: all ranks train the same
+    task at every step), so ZeRO partitions stay consistent.
+    """
+
+    def step(self, closure=None):
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if g.get("active", True)]
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
+
+
+def active_groups(model, tasks_seen: set[str]) -> set[str]:
+    """Names of the param groups that received a loss from the tasks trained since the last step."""
+    names = {f"head.{t}" for t in tasks_seen}
+    if not model.encoder_frozen and any(not model.tasks[t].leave_out for t in tasks_seen):
+        names |= {"encoder", "encoder.no_decay"}
+    return names
+
+
 def lr_lambdas(cfg: Config, groups: list[dict], total_steps: int) -> list[Callable[[int], float]]:
     """One multiplier per param group: warmup then linear/cosine/constant.
 

@@ -82,6 +82,13 @@ class MultiTaskModel(nn.Module):
     def forward(self, task: str, batch: dict) -> torch.Tensor:
         return self.loss(task, self.predict(task, self.embed(batch)), batch)
 
+    def probe_loss(self, task: str, batch: dict) -> torch.Tensor:
+        """The task's loss with the encoder in the graph whatever the training mode (frozen encoder,
+        leave-out task), so diagnostics can measure the gradient the task *would* send."""
+        emb = self.encoder(batch["input_ids"], batch["attention_mask"])
+        emb = emb.view(batch["n_texts"], -1, emb.shape[-1])
+        return self.loss(task, self.heads[task](emb), batch)
+
 
 def build_model(cfg: Config) -> MultiTaskModel:
     return MultiTaskModel(Encoder(cfg.model), cfg.tasks)

@@ -1,0 +1,97 @@
+"""Training-loop hooks that feed the gradient diagnostics (the loop calls them; they only observe).
+
+`probe`: every N steps, each task's exact gradient on a fixed probe batch at the current weights,
+computed with `torch.autograd.grad` on the raw module (never on a loss the engine hooked), in eval mode
+and under a forked RNG: training is unchanged bit for bit. With W ranks each rank holds 1/W of every
+probe batch and the Gram is reduced exactly (see `diagnostics.gram`).
+
+`stream`: no extra backward passes; after each step's backward, that step's task gradient is folded
+into a per-task running average. Cheap and approximate: the averages mix gradients from different
+weights and batches, so treat its cosines as a trend, not a measurement.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from diagnostics.groups import flat_group_ids
+from diagnostics.probe import GradientProbe, StreamTracker
+from diagnostics.writer import DiagnosticsWriter
+from mtkit.data.dataset import batch_for
+
+log = logging.getLogger("mtkit.diagnostics")
+
+
+class ProbeHook:
+    def __init__(self, probe: GradientProbe, writer: DiagnosticsWriter | None):
+        self.probe, self.writer = probe, writer
+
+    def on_backward(self, step, task, engine):
+        pass
+
+    def on_step(self, step, engine):
+        if self.probe.due(step):
+            record = self.probe.measure(step)  # collective: every rank measures
+            if self.writer is not None:
+                self.writer.write(record)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+class StreamHook:
+    def __init__(self, tracker: StreamTracker, names: list[str], every: int, writer: DiagnosticsWriter | None):
+        self.tracker, self.names, self.every, self.writer = tracker, names, every, writer
+
+    def on_backward(self, step, task, engine):
+        self.tracker.update(task, engine.shared_grad(self.names))
+
+    def on_step(self, step, engine):
+        if step % self.every == 0:
+            record = self.tracker.measure(step)
+            if record is not None and self.writer is not None:
+                record["mode"] = "stream"
+                self.writer.write(record)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def probe_batches(tasks: dict, size: int, seed: int, world_size: int, rank: int, pad_id: int, device) -> dict:
+    """A fixed, seeded sample of `size` training examples per task; rank r holds its 1/W slice."""
+    if size % world_size:
+        raise ValueError(f"diagnostics.probe_batch_size={size} must be divisible by the world size "
+                         f"{world_size} so every rank holds an equal share")
+    per_rank = size // world_size
+    out = {}
+    for i, (name, task) in enumerate(tasks.items()):
+        n = len(task.splits["train"])
+        chosen = np.random.default_rng([seed, i]).choice(n, size=min(size, n), replace=False)
+        mine = sorted(chosen[rank * per_rank:(rank + 1) * per_rank].tolist())
+        batch = batch_for(task, "train", mine, pad_id)
+        out[name] = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    return out
+
+
+def make_hooks(cfg, model, tasks: dict, dist, writer, out: Path) -> list:
+    d = cfg.diagnostics
+    names_params = model.shared_parameters()
+    task_names = [n for n, t in tasks.items() if "train" in t.splits]
+    diag_writer = DiagnosticsWriter(writer, Path(out) / "diagnostics.jsonl") if dist.is_main else None
+    if d.mode == "probe":
+        batches = probe_batches({n: tasks[n] for n in task_names}, d.probe_batch_size, cfg.train.seed,
+                                dist.world_size, dist.rank, model.pad_id, dist.device)
+        probe = GradientProbe(task_names, names_params, model.probe_loss, batches, d.every, module=model,
+                              eval_mode=True, seed=cfg.train.seed)
+        return [ProbeHook(probe, diag_writer)]
+    if cfg.train.grad_accum != 1:
+        raise ValueError("diagnostics.mode = stream reads each step's gradient; it needs train.grad_accum = 1")
+    names = [n for n, _ in names_params]
+    group_names, ids = flat_group_ids(names, [p.numel() for _, p in names_params])
+    tracker = StreamTracker(task_names, ids, len(group_names), beta=d.stream_beta, group_names=group_names,
+                            seed=cfg.train.seed)
+    return [StreamHook(tracker, names, d.every, diag_writer)]

@@ -1,0 +1,107 @@
+"""DeepSpeed engine (ZeRO 0/1/2, bf16/fp16, accumulation, clipping). The only module importing deepspeed.
+
+DeepSpeed gets our client AdamW with the per-head param groups and our client LambdaLR, so per-group
+learning rates survive (DeepSpeed's own WarmupLR would set one lr for every group). Values that the mtkit
+config owns are written into the DeepSpeed JSON here: micro batch, accumulation, clipping and precision
+(`train.precision` wins over the JSON's bf16/fp16 blocks); `deepspeed.zero_stage` overrides the JSON.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from mtkit.config import Config
+from mtkit.engine.base import Engine, GroupMaskedAdamW, active_groups, lr_lambdas
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+from deepspeed.utils import safe_get_full_grad  # noqa: E402
+
+DEFAULT_ZERO_STAGE = 1
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    ds: dict = {}
+    if cfg.deepspeed.config:
+        ds = json.loads(Path(cfg.deepspeed.config).read_text())
+    zero = dict(ds.get("zero_optimization", {}))
+    if cfg.deepspeed.zero_stage is not None:
+        zero["stage"] = cfg.deepspeed.zero_stage
+    zero.setdefault("stage", DEFAULT_ZERO_STAGE)
+    if zero["stage"] > 2:
+        raise ValueError("ZeRO stage 3 is not supported: diagnostics and per-head isolation need whole "
+                         "parameters on every rank")
+    ds["zero_optimization"] = zero
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_batch_size"] = cfg.train.batch_size * cfg.train.grad_accum * world_size
+    ds["gradient_clipping"] = cfg.optim.max_grad_norm
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": cfg.train.precision == "fp16"}
+    ds.setdefault("steps_per_print", 10 ** 9)  # mtkit logs; keep DeepSpeed quiet
+    # Our client optimizer is AdamW with per-group masking; ZeRO handles any torch optimizer.
+    ds["zero_allow_untested_optimizer"] = True
+    ds.pop("optimizer", None)   # the client optimizer and scheduler are ours
+    ds.pop("scheduler", None)
+    return ds
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, model: torch.nn.Module, cfg: Config, total_steps: int, dist):
+        self.device = dist.device
+        groups = model.param_groups(cfg)
+        self.optimizer = GroupMaskedAdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambdas(cfg, groups, total_steps))
+        self.config = deepspeed_config(cfg, dist.world_size)
+        self.ds, _, _, self.scheduler = deepspeed.initialize(
+            model=model.to(self.device), optimizer=self.optimizer, lr_scheduler=scheduler,
+            config=self.config, dist_init_required=False)
+        self.module = self.ds.module
+        self.zero_stage = self.ds.zero_optimization_stage()
+        self.precision = cfg.train.precision
+        self._seen: set[str] = set()
+
+    def __call__(self, task, batch):
+        self._seen.add(task)
+        return self.ds(task, batch)
+
+    def autocast(self):
+        # DeepSpeed's bf16/fp16 modes cast the module itself; no autocast on top.
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        self.ds.backward(loss)
+
+    def step(self) -> bool:
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        if boundary:
+            active = active_groups(self.module, self._seen)
+            for g in self.optimizer.param_groups:
+                g["active"] = g["name"] in active
+            self._seen = set()
+        self.ds.step()
+        return boundary
+
+    def lrs(self):
+        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+
+    def shared_grad(self, names):
+        params = dict(self.module.named_parameters())
+        out = []
+        for n in names:  # a collective per parameter under ZeRO: every rank runs the same sequence
+            g = safe_get_full_grad(params[n])
+            out.append((g if g is not None else torch.zeros_like(params[n])).detach().float().flatten())
+        return torch.cat(out)
+
+    def save(self, path: Path) -> None:
+        self.ds.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+
+    def load(self, path: Path) -> None:
+        self.ds.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                load_lr_scheduler_states=True)
