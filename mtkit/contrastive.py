@@ -72,20 +72,21 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     The local slice stays in the autograd graph; its backward receives the gradient that every rank's
     loss puts on these rows (see the module docstring for why this makes averaged gradients exact).
     Every rank must call this, in the same order, with the same shape; shapes are gathered first so a
-    mismatch raises the same error on every rank rather than hanging inside the collective.
+    mismatch raises the same error on every rank rather than leaving the others blocked in the gather.
     """
     world, rank = _world_rank()
     if world == 1:
         return x
-    if x.dim() != 2:  # fixed-length shape descriptor below; every caller in this module passes [B, H]
-        raise ValueError(f"gather_with_grad expects a [B, H] tensor, got shape {tuple(x.shape)}")
-    shape = torch.tensor(x.shape, dtype=torch.long, device=x.device)          # [2]
-    shapes = [torch.empty_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
-    shapes = [tuple(s.tolist()) for s in shapes]
-    if len(set(shapes)) != 1:
-        raise ValueError(f"gather_with_grad needs the same [B, H] on every rank, got {shapes} by rank: "
-                         "drop or pad the last uneven batch (e.g. a sampler with drop_last)")
+    # Fixed-length (ndim, rows, cols) so that even a tensor of the wrong rank is reported on every rank.
+    head = (list(x.shape[:2]) + [-1, -1])[:2]
+    desc = torch.tensor([x.dim(), *head], dtype=torch.long, device=x.device)   # [3]
+    descs = [torch.empty_like(desc) for _ in range(world)]
+    dist.all_gather(descs, desc)
+    descs = [tuple(d.tolist()) for d in descs]
+    if len(set(descs)) != 1 or descs[0][0] != 2:
+        raise ValueError(f"gather_with_grad needs the same [B, H] tensor on every rank, got (ndim, B, H) = "
+                         f"{descs} by rank: drop or pad the last uneven batch (e.g. a sampler with "
+                         "drop_last)")
     return _GatherWithGrad.apply(x.contiguous(), world, rank)
 
 
@@ -179,7 +180,7 @@ def cached_contrastive_backward(embed_fn: Callable[[Chunk], torch.Tensor],
     loss = loss_fn(*cached)
     loss.backward()
 
-    if True:
+    with torch.random.fork_rng(devices=devices):
         for chunks, role_states, role_rows, role_emb in zip(inputs_per_role, states, rows, cached):
             if role_emb.grad is None:  # the loss ignores this role: nothing flows to the encoder
                 continue

@@ -97,6 +97,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             gather_with_grad(torch.zeros(B + rank, 5))
         except ValueError as err:
             out["uneven_error"] = str(err)
+        try:
+            gather_with_grad(torch.zeros(B, 5, 1) if rank else torch.zeros(B, 5))
+        except ValueError as err:
+            out["ndim_error"] = str(err)
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -185,10 +189,11 @@ def test_candidates_as_plain_constants_miss_the_cross_rank_gradient(rank_results
 
 
 @pytest.mark.slow
-def test_uneven_batches_raise_on_every_rank(rank_results):
+def test_mismatched_shapes_raise_on_every_rank(rank_results):
     for results in rank_results:
-        assert "same [B, H] on every rank" in results["uneven_error"]
-        assert "[(3, 5), (4, 5)]" in results["uneven_error"]
+        assert "same [B, H] tensor on every rank" in results["uneven_error"]
+        assert "[(2, 3, 5), (2, 4, 5)]" in results["uneven_error"]
+        assert "[(2, 3, 5), (3, 3, 5)]" in results["ndim_error"]
 
 
 # ---------------------------------------------------------------- single process
@@ -204,7 +209,8 @@ def test_distributed_info_nce_equals_info_nce_in_one_process(with_negatives):
     gen = torch.Generator().manual_seed(1)
     a, p, n = (torch.randn(5, 8, generator=gen) for _ in range(3))
     n = n if with_negatives else None
-    torch.testing.assert_close(distributed_info_nce(a, p, n, TEMP), info_nce(a, p, n, TEMP), rtol=0, atol=1e-6)
+    expected = info_nce(a, p, n, TEMP)
+    torch.testing.assert_close(distributed_info_nce(a, p, n, TEMP), expected, rtol=0, atol=1e-6)
 
 
 def test_rank_offset_outside_the_candidates_raises():
@@ -250,7 +256,8 @@ def ignoring_negatives(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> tor
     return info_nce(a, p, None, TEMP)
 
 
-def plain_chunked_step(model: Encoder, seed: int, loss_fn=contrastive) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def plain_chunked_step(model: Encoder, seed: int,
+                       loss_fn=contrastive) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The full-batch graph, built chunk by chunk in the order the cache embeds (same dropout masks)."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
@@ -338,7 +345,7 @@ def test_unsup_views_layout_and_dropout_views(tmp_path):
     model = tiny_encoder(tmp_path, dropout=0.1)
     torch.manual_seed(0)
     views = model(view_ids, view_mask).view(2, 4, -1)                    # [2, B, H]
-    assert not torch.allclose(views[0], views[1])                        # two dropout draws
+    assert not torch.allclose(views[0], views[1])  # two dropout draws
     assert torch.isfinite(info_nce(views[0], views[1], None, TEMP))
     model.eval()
     views = model(view_ids, view_mask).view(2, 4, -1)
