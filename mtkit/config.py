@@ -99,6 +99,7 @@ class TrainConfig:
     num_threads: Optional[int] = None   # torch intra-op threads
     save_checkpoints: bool = True
     predict: list[str] = field(default_factory=lambda: ["dev"])  # splits to write prediction files for
+    trace: bool = False                 # per-rank JSONL of (step, task, example indices), for audits
 
 
 @dataclass

@@ -38,6 +38,13 @@ class Dist:
         if self.world_size > 1:
             tdist.barrier()
 
+    def all_gather_object(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
     def broadcast_object(self, obj):
         if self.world_size == 1:
             return obj

@@ -2,6 +2,7 @@
 engine (backward/step/save/load) and hooks (read-only observers) from `mtkit.run`."""
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -66,11 +67,14 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
     samples, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
     total_samples, eval_time = 0, 0.0
     bar = tqdm(total=steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
+    trace = _open_trace(out, dist) if cfg.train.trace else None
     while step < steps:
         if cfg.train.mode == "lp_ft" and step == cfg.train.lp_steps:
             model.freeze_encoder(False)
         for _ in range(cfg.train.grad_accum):
             task, indices = next(batches)
+            if trace is not None:
+                trace.write(json.dumps({"step": step, "task": task, "indices": list(indices)}) + "\n")
             batch = _to(batch_for(tasks[task], "train", indices, pad_id), dist.device)
             with engine.autocast():
                 loss = engine(task, batch)
@@ -110,6 +114,8 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
                 checkpoint.save(engine, out / "checkpoints", step,
                                 {"step": step, "best": best, "sampler": sampler.state_dict()}, dist)
     bar.close()
+    if trace is not None:
+        trace.close()
     for h in hooks:
         h.close()
     wall = time.perf_counter() - t_start
@@ -142,6 +148,11 @@ def _evaluate_and_keep_best(cfg, out, model, tasks, dist, writer, step, best) ->
         shutil.rmtree(staging)
     dist.barrier()
     return best
+
+
+def _open_trace(out: Path, dist):
+    (out / "trace").mkdir(parents=True, exist_ok=True)
+    return open(out / "trace" / f"rank{dist.rank}.jsonl", "a")
 
 
 def _to(batch: dict, device) -> dict:

@@ -5,6 +5,7 @@ deepspeed/torchrun launchers all come through `run()`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -97,6 +98,8 @@ def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
     hooks = _diagnostics_hooks(cfg, model, tasks, dist, writer, out)
     result = loop.train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, resume_path)
 
+    # Replicas must agree bit for bit after training; a digest per rank makes that checkable.
+    digests = dist.all_gather_object(weights_digest(model))
     if "test" in cfg.train.predict and any("test" in t.splits for t in tasks.values()):
         model.load_state_dict(torch.load(out / "best" / "model.pt", map_location=dist.device))
         evaluate(model, tasks, "test", cfg.train.eval_batch_size, dist.device, gather=dist,
@@ -112,6 +115,7 @@ def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
         "engine": name,
         "zero_stage": getattr(engine, "zero_stage", None),
         "world_size": dist.world_size,
+        "rank_weight_digests": digests,
         "seed": cfg.train.seed,
         "git_commit": git_commit(),
         "data_sources": {n: t.sources for n, t in tasks.items()},
@@ -131,6 +135,14 @@ def _diagnostics_hooks(cfg, model, tasks, dist, writer, out) -> list:
         return []
     from diagnostics.hooks import make_hooks
     return make_hooks(cfg, model, tasks, dist, writer, out)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def git_commit() -> str | None:
