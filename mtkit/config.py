@@ -99,6 +99,7 @@ class TrainConfig:
     num_threads: Optional[int] = None   # torch intra-op threads
     save_checkpoints: bool = True
     predict: list[str] = field(default_factory=lambda: ["dev"])  # splits to write prediction files for
+    strategy: str = "none"             # none (one task per step) | sum | pcgrad | gradvac | cagrad (joint)
     trace: bool = False                 # per-rank JSONL of (step, task, example indices), for audits
 
 
@@ -133,6 +134,10 @@ class Config:
                 return t
         raise KeyError(f"no task named {name!r}; tasks: {[t.name for t in self.tasks]}")
 
+    def micro_batches_per_step(self) -> int:
+        """Backward passes per optimizer step: grad_accum, times the task count in joint mode."""
+        return self.train.grad_accum * (len(self.tasks) if self.train.strategy != "none" else 1)
+
     def data_root(self) -> Path:
         return Path(self.data.root or os.environ.get("MTKIT_DATA") or "../shared/data")
 
@@ -148,6 +153,7 @@ CHOICES = {
     "train.precision": {"fp32", "bf16", "fp16"},
     "train.engine": {"auto", "torch", "deepspeed"},
     "train.device": {"auto", "cpu", "cuda"},
+    "train.strategy": {"none", "sum", "pcgrad", "gradvac", "cagrad"},
     "diagnostics.mode": {"off", "probe", "stream"},
 }
 
@@ -188,7 +194,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: {key} = {value!r}; choose one of {sorted(CHOICES[key])}")
 
     for key in ("model.pooling", "data.schedule", "optim.lr_schedule", "train.mode", "train.precision",
-                "train.engine", "train.device", "diagnostics.mode"):
+                "train.engine", "train.device", "train.strategy", "diagnostics.mode"):
         section, name = key.split(".")
         check(key, getattr(getattr(cfg, section), name))
     names = [t.name for t in cfg.tasks]
@@ -208,6 +214,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: tasks.{t.name}: a {t.kind} task needs num_labels or label_names")
         if t.label_range is not None and len(t.label_range) != 2:
             raise ConfigError(f"{source}: tasks.{t.name}.label_range must be [low, high]")
+    if cfg.train.strategy != "none" and cfg.diagnostics.mode == "stream":
+        raise ConfigError(f"{source}: diagnostics.mode = stream reads one task's gradient per step; "
+                          "joint strategies put every task in a step (use probe)")
     if cfg.train.mode == "lp_ft" and cfg.train.lp_steps <= 0:
         raise ConfigError(f"{source}: train.mode = lp_ft needs train.lp_steps > 0")
 

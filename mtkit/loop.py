@@ -32,10 +32,10 @@ class Hook:
 
 
 def total_steps(cfg: Config, sampler) -> int:
-    """Optimizer steps: train.max_steps, else epochs x sampler length / grad_accum."""
+    """Optimizer steps: train.max_steps, else epochs x sampler length / batches per step."""
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    return max(1, math.floor(cfg.train.epochs * len(sampler) / cfg.train.grad_accum))
+    return max(1, math.floor(cfg.train.epochs * len(sampler) / cfg.micro_batches_per_step()))
 
 
 def endless(sampler):
@@ -48,15 +48,20 @@ def endless(sampler):
 
 
 def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hooks=(), writer=None,
-          resume: Path | None = None) -> dict:
+          resume: Path | None = None, joint=None) -> dict:
+    """`joint` (a `JointStep`) makes every micro-step take one batch of each task and weight their
+    encoder gradients by the strategy; without it each micro-step trains one task."""
     steps = total_steps(cfg, sampler)
-    eval_every = cfg.train.eval_every or max(1, len(sampler) // cfg.train.grad_accum)
+    eval_every = cfg.train.eval_every or max(1, len(sampler) // cfg.micro_batches_per_step())
+    per_micro = len(tasks) if joint is not None else 1
     pad_id = model.pad_id
     step, best = 0, {"overall": -math.inf, "step": None, "dev": {}}
     if resume is not None:
         client = checkpoint.load(engine, resume, dist)
         step, best = client["step"], client["best"]
         sampler.load_state_dict(client["sampler"])
+        if joint is not None:
+            joint.load_state_dict(client["strategy"])
     batches = endless(sampler)
     probing = cfg.train.mode == "linear_probe" or (cfg.train.mode == "lp_ft" and step < cfg.train.lp_steps)
     model.freeze_encoder(probing)
@@ -72,20 +77,25 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
         if cfg.train.mode == "lp_ft" and step == cfg.train.lp_steps:
             model.freeze_encoder(False)
         for _ in range(cfg.train.grad_accum):
-            task, indices = next(batches)
+            group = [next(batches) for _ in range(per_micro)]
             if trace is not None:
-                trace.write(json.dumps({"step": step, "task": task, "indices": list(indices)}) + "\n")
-            batch = _to(batch_for(tasks[task], "train", indices, pad_id), dist.device)
-            with engine.autocast():
-                loss = engine(task, batch)
-            engine.backward(loss)
-            for h in hooks:
-                h.on_backward(step, task, engine)
-            engine.step()
-            loss_sum[task] += loss.detach().float()
-            loss_n[task] += 1
-            samples += len(indices) * dist.world_size
-            total_samples += len(indices) * dist.world_size
+                for task, indices in group:
+                    trace.write(json.dumps({"step": step, "task": task, "indices": list(indices)}) + "\n")
+            group = [(task, _to(batch_for(tasks[task], "train", indices, pad_id), dist.device))
+                     for task, indices in group]
+            weights = joint.weights(group) if joint is not None else {}
+            for task, batch in group:
+                with engine.autocast():
+                    loss = engine(task, batch, weights.get(task))
+                engine.backward(loss)
+                for h in hooks:
+                    h.on_backward(step, task, engine)
+                engine.step()
+                loss_sum[task] += loss.detach().float()
+                loss_n[task] += 1
+                n = batch["input_ids"].shape[0] // batch["n_texts"] * dist.world_size
+                samples += n
+                total_samples += n
         step += 1
         bar.update(1)
         for h in hooks:
@@ -111,8 +121,10 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
             t_log = time.perf_counter()  # evaluation time is not training throughput
             eval_time += t_log - t_eval
             if cfg.train.save_checkpoints:
-                checkpoint.save(engine, out / "checkpoints", step,
-                                {"step": step, "best": best, "sampler": sampler.state_dict()}, dist)
+                client = {"step": step, "best": best, "sampler": sampler.state_dict()}
+                if joint is not None:
+                    client["strategy"] = joint.state_dict()
+                checkpoint.save(engine, out / "checkpoints", step, client, dist)
     bar.close()
     if trace is not None:
         trace.close()

@@ -51,12 +51,18 @@ def engine_name(cfg: Config, dist: Dist) -> str:
 
 def make_sampler(cfg: Config, tasks: dict, dist: Dist) -> TaskBatchSampler:
     train_tasks = {n: t for n, t in tasks.items() if "train" in t.splits}
-    return TaskBatchSampler(
-        {n: t.splits["train"].lengths() for n, t in train_tasks.items()},
-        {n: t.cfg.batch_size or cfg.train.batch_size for n, t in train_tasks.items()},
-        make_schedule(cfg.data.schedule, cfg.data.temperature),
-        seed=cfg.train.seed, world_size=dist.world_size, rank=dist.rank, bucket=cfg.data.bucket,
-        steps_per_epoch=cfg.data.steps_per_epoch)
+    lengths = {n: t.splits["train"].lengths() for n, t in train_tasks.items()}
+    batch = {n: t.cfg.batch_size or cfg.train.batch_size for n, t in train_tasks.items()}
+    schedule, steps_per_epoch = cfg.data.schedule, cfg.data.steps_per_epoch
+    if cfg.train.strategy != "none":
+        # Joint steps take T consecutive batches: round robin with equal counts makes them one per task.
+        # An epoch is one pass over the largest task (smaller tasks cycle).
+        schedule = "round_robin"
+        passes = max(len(v) // (batch[n] * dist.world_size) for n, v in lengths.items())
+        steps_per_epoch = len(lengths) * (steps_per_epoch // len(lengths) if steps_per_epoch else passes)
+    return TaskBatchSampler(lengths, batch, make_schedule(schedule, cfg.data.temperature),
+                            seed=cfg.train.seed, world_size=dist.world_size, rank=dist.rank,
+                            bucket=cfg.data.bucket, steps_per_epoch=steps_per_epoch)
 
 
 def build(cfg: Config, dist: Dist):
@@ -96,7 +102,8 @@ def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tb"))
     hooks = _diagnostics_hooks(cfg, model, tasks, dist, writer, out)
-    result = loop.train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, resume_path)
+    joint = _joint_step(cfg, engine.module)
+    result = loop.train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, resume_path, joint)
 
     # Replicas must agree bit for bit after training; a digest per rank makes that checkable.
     digests = dist.all_gather_object(weights_digest(model))
@@ -143,6 +150,22 @@ def weights_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _joint_step(cfg: Config, model):
+    if cfg.train.strategy == "none":
+        return None
+    from diagnostics.gram import global_group_grams
+    from mtkit.strategies import make_strategy
+    from mtkit.strategies.joint import JointStep
+    n = sum(p.numel() for _, p in model.shared_parameters())
+    one_group = torch.zeros(n, dtype=torch.int32)
+
+    def gram(G: torch.Tensor) -> torch.Tensor:                       # [T, P] -> [T, T]
+        return global_group_grams(G, one_group.to(G.device), 1)[0]
+
+    kwargs = {"seed": cfg.train.seed} if cfg.train.strategy in ("pcgrad", "gradvac") else {}
+    return JointStep(make_strategy(cfg.train.strategy, **kwargs), model, gram)
 
 
 def git_commit() -> str | None:

@@ -103,3 +103,17 @@ def test_heads_and_optimizer_state_isolated_under_zero(tmp_path):
         assert r["masked"]["trained_head_changed"] and r["masked"]["encoder_changed"], (stage, r)
         # Without the mask ZeRO/DeepSpeed hands zero gradients to idle heads and AdamW moves them.
         assert not r["unmasked"]["idle_heads_unchanged"], (stage, r)
+
+
+def test_joint_pcgrad_two_ranks_equal_one_rank(data, tmp_path):
+    # The strategy sees the Gram of the global gradients (reduced across ranks), so PCGrad's projections
+    # and the resulting weights are those of the single-process run on the same global batch.
+    one, two = tmp_path / "one", tmp_path / "two"
+    joint = ["--train.strategy=pcgrad", "--diagnostics.mode=off"]
+    train(one, *common(*data), *NO_DROPOUT, *joint, "--train.batch_size=16", "--train.engine=torch", ranks=1)
+    train(two, *common(*data), *NO_DROPOUT, *joint, "--train.batch_size=8",
+          "--deepspeed.config=configs/deepspeed/zero2.json")
+    a = torch.load(one / "best" / "model.pt")
+    b = torch.load(two / "best" / "model.pt")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst

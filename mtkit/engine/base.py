@@ -15,13 +15,14 @@ class Engine:
     """backward/step/save/load over a module whose parameters come in named groups.
 
     `step()` is called once per micro-batch; the engine applies the optimizer every
-    `train.grad_accum` micro-batches and returns True when it did.
+    `cfg.micro_batches_per_step()` micro-batches and returns True when it did.
     """
 
     module: torch.nn.Module
     device: torch.device
 
-    def __call__(self, task: str, batch: dict) -> torch.Tensor:
+    def __call__(self, task: str, batch: dict, weight: float | None = None) -> torch.Tensor:
+        """The task's loss through the engine's forward; `weight` scales only its encoder gradient."""
         raise NotImplementedError
 
     def autocast(self) -> AbstractContextManager:

@@ -39,8 +39,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
                          "parameters on every rank")
     ds["zero_optimization"] = zero
     ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
-    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
-    ds["train_batch_size"] = cfg.train.batch_size * cfg.train.grad_accum * world_size
+    ds["gradient_accumulation_steps"] = cfg.micro_batches_per_step()
+    ds["train_batch_size"] = cfg.train.batch_size * cfg.micro_batches_per_step() * world_size
     ds["gradient_clipping"] = cfg.optim.max_grad_norm
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": cfg.train.precision == "fp16"}
@@ -67,9 +67,9 @@ class DeepSpeedEngine(Engine):
         self.precision = cfg.train.precision
         self._seen: set[str] = set()
 
-    def __call__(self, task, batch):
+    def __call__(self, task, batch, weight=None):
         self._seen.add(task)
-        return self.ds(task, batch)
+        return self.ds(task, batch, weight)
 
     def autocast(self):
         # DeepSpeed's bf16/fp16 modes cast the module itself; no autocast on top.

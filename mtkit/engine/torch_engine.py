@@ -23,12 +23,12 @@ class TorchEngine(Engine):
                                                                                        total_steps))
         self.precision = cfg.train.precision
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.accum = cfg.train.grad_accum
+        self.accum = cfg.micro_batches_per_step()
         self.max_grad_norm = cfg.optim.max_grad_norm
         self.micro = 0
 
-    def __call__(self, task, batch):
-        return self.module(task, batch)
+    def __call__(self, task, batch, weight=None):
+        return self.module(task, batch, weight)
 
     def autocast(self):
         if self.precision == "fp32":

@@ -79,8 +79,13 @@ class MultiTaskModel(nn.Module):
         name = objectives.DEFAULT_LOSS[cfg.kind] if cfg.loss == "auto" else cfg.loss
         return cfg.weight * objectives.LOSSES[name](output, batch["labels"])
 
-    def forward(self, task: str, batch: dict) -> torch.Tensor:
-        return self.loss(task, self.predict(task, self.embed(batch)), batch)
+    def forward(self, task: str, batch: dict, weight: float | None = None) -> torch.Tensor:
+        emb = self.embed(batch)
+        if weight is not None:
+            # Joint strategies: the encoder must receive weight * this task's gradient while the head keeps
+            # its own. Same value as emb; d(emb_w)/d(emb) = weight.
+            emb = emb.detach() + weight * (emb - emb.detach())
+        return self.loss(task, self.predict(task, emb), batch)
 
     def probe_loss(self, task: str, batch: dict) -> torch.Tensor:
         """The task's loss with the encoder in the graph whatever the training mode (frozen encoder,
