@@ -38,10 +38,9 @@ def parse(argv):
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    from mtkit.run import run
+    from mtkit.pipeline import run_any
     try:
-        cfg = config_mod.load(args.config, overrides)
-        results = run(cfg, args.out, args.resume)
+        results = run_any(args.config, args.out, overrides, args.resume)
     except (config_mod.ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -35,13 +35,12 @@ def _fail(e: Exception) -> None:
 class CLI:
     """Multi-task fine-tuning of sentence encoders with gradient-conflict diagnostics."""
 
-    def train(self, config: str | None = None, out: str = "runs/run", resume: str | None = None, **overrides):
-        """Train. `--resume auto` continues from the latest checkpoint under OUT."""
-        from mtkit.run import run
+    def train(self, config: str, out: str = "runs/run", resume: str | None = None, **overrides):
+        """Train a run or a pipeline config. `--resume auto` continues from the latest checkpoint."""
+        from mtkit.pipeline import run_any
         from mtkit.tasks import DataError
         try:
-            cfg = config_mod.load(config, _overrides(overrides))
-            results = run(cfg, out, resume)
+            results = run_any(config, out, _overrides(overrides), resume)
         except (config_mod.ConfigError, DataError) as e:
             _fail(e)
         print(json.dumps({"dev": results["dev"], "out": str(out)}, indent=2))
@@ -64,6 +63,21 @@ class CLI:
                            pred_dir=run_dir / "predictions" if dist.is_main else None)
         print(json.dumps(metrics, indent=2))
         return None
+
+    def export(self, run_dir: str, out: str | None = None):
+        """Save a run's best encoder as a Hugging Face folder (default RUN_DIR/encoder)."""
+        import torch
+        from mtkit.distributed import init_distributed
+        from mtkit.export import export_encoder
+        from mtkit.model import build_model
+        from mtkit.model.encoder import load_tokenizer
+        run_dir = Path(run_dir)
+        cfg = config_mod.load(None, json.loads((run_dir / "config.json").read_text()))
+        init_distributed("cpu")
+        model = build_model(cfg)
+        model.load_state_dict(torch.load(run_dir / "best" / "model.pt", map_location="cpu"))
+        path = export_encoder(model, load_tokenizer(cfg.model), cfg, Path(out) if out else run_dir / "encoder")
+        print(path)
 
     def config(self, path: str | None = None, **overrides):
         """Load, validate and print the resolved config."""

@@ -54,6 +54,7 @@ class TaskConfig:
     weight_decay: float = 0.0
     batch_size: Optional[int] = None    # per rank; defaults to train.batch_size
     weight: float = 1.0                 # loss weight
+    temperature: float = 0.05           # contrastive kinds: cosine / temperature (SimCSE)
     leave_out: bool = False             # head trains, but its loss never reaches the encoder
     max_train: Optional[int] = None     # first N training examples (debugging, slices)
     max_eval: Optional[int] = None
@@ -100,6 +101,8 @@ class TrainConfig:
     save_checkpoints: bool = True
     predict: list[str] = field(default_factory=lambda: ["dev"])  # splits to write prediction files for
     strategy: str = "none"             # none (one task per step) | sum | pcgrad | gradvac | cagrad (joint)
+    select_metric: str = "overall"      # best checkpoint by dev "overall" or "<task>.<metric>"
+    export_encoder: bool = False        # also save the best encoder as an HF folder (DIR/encoder)
     trace: bool = False                 # per-rank JSONL of (step, task, example indices), for audits
 
 
@@ -140,6 +143,21 @@ class Config:
 
     def data_root(self) -> Path:
         return Path(self.data.root or os.environ.get("MTKIT_DATA") or "../shared/data")
+
+
+@dataclass
+class StageConfig:
+    name: str = ""
+    config: str = ""                    # a run config, relative to the pipeline file
+    overrides: dict[str, str] = field(default_factory=dict)
+    init_from: Optional[str] = None     # an earlier stage whose exported encoder starts this one
+
+
+@dataclass
+class PipelineConfig:
+    """Stages run in order, each in DIR/<stage>; a stage can start from an earlier stage's encoder."""
+    name: str = "pipeline"
+    stages: list[StageConfig] = field(default_factory=list)
 
 
 CHOICES = {
@@ -184,6 +202,30 @@ def load(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
+def is_pipeline(path: str | os.PathLike) -> bool:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # load() reports the problem
+    return isinstance(raw, dict) and "stages" in raw
+
+
+def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
+    """A pipeline file; every stage's own config is loaded and validated too, so mistakes surface early."""
+    source = str(path)
+    text = Path(path).read_text()
+    pipe = _build(PipelineConfig, yaml.safe_load(text) or {}, "", _Where(source, _line_numbers(yaml.compose(text))))
+    names = [s.name for s in pipe.stages]
+    if not names or len(set(names)) != len(names) or not all(names):
+        raise ConfigError(f"{source}: stages need unique, non-empty names, got {names}")
+    for i, stage in enumerate(pipe.stages):
+        if stage.init_from is not None and stage.init_from not in names[:i]:
+            raise ConfigError(f"{source}: stage {stage.name!r} init_from {stage.init_from!r} must name an "
+                              f"earlier stage, one of {names[:i]}")
+        load(Path(path).parent / stage.config, stage.overrides)
+    return pipe
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -217,6 +259,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if cfg.train.strategy != "none" and cfg.diagnostics.mode == "stream":
         raise ConfigError(f"{source}: diagnostics.mode = stream reads one task's gradient per step; "
                           "joint strategies put every task in a step (use probe)")
+    if cfg.train.select_metric != "overall":
+        task, _, metric = cfg.train.select_metric.partition(".")
+        if task not in names or not metric:
+            raise ConfigError(f"{source}: train.select_metric = {cfg.train.select_metric!r}; use 'overall' or "
+                              f"'<task>.<metric>' with a task in {names}")
     if cfg.train.mode == "lp_ft" and cfg.train.lp_steps <= 0:
         raise ConfigError(f"{source}: train.mode = lp_ft needs train.lp_steps > 0")
 

@@ -68,19 +68,17 @@ def metrics_for(kind: str, result: dict, labels: np.ndarray | None) -> dict[str,
         return {"pearson": _pearson(pred, labels), "spearman": _spearman(pred, labels),
                 "cosine_pearson": _pearson(result["cosine"], labels),
                 "cosine_spearman": _spearman(result["cosine"], labels)}
-    if kind in ("classification", "pair_classification"):
-        out = {"acc": float((pred == labels).mean())}
-        if set(np.unique(labels)) <= {0, 1}:
-            out["f1"] = _f1(pred, labels)
-        return out
-    return {"triplet_acc": float(pred.mean())}
+    out = {"acc": float((pred == labels).mean())}
+    if set(np.unique(labels)) <= {0, 1}:
+        out["f1"] = _f1(pred, labels)
+    return out
 
 
 def primary(kind: str, m: dict[str, float]) -> float:
     """The per-task term of the CS224N overall score: accuracy, or (Pearson + 1) / 2 for STS."""
     if kind == "pair_regression":
         return (m["pearson"] + 1) / 2
-    return m.get("acc", m.get("triplet_acc", 0.0))
+    return m["acc"]
 
 
 def evaluate(model, tasks: dict[str, TaskData], split: str, batch_size: int, device, gather=None,
@@ -92,14 +90,16 @@ def evaluate(model, tasks: dict[str, TaskData], split: str, batch_size: int, dev
     scores = []
     try:
         for name, task in tasks.items():
-            if split not in task.splits:
+            kind = task.cfg.kind
+            if split not in task.splits or kind == "sentences":  # unlabelled sentences: nothing to score
                 continue
             res = predict_task(model, task, split, batch_size, device, gather)
             labels = [e.label for e in task.splits[split].examples]
-            if labels and labels[0] is not None:
-                results[name] = metrics_for(task.cfg.kind, res, np.asarray(labels))
-                if task.cfg.kind != "contrastive":
-                    scores.append(primary(task.cfg.kind, results[name]))
+            if kind == "contrastive":  # a training signal of its own; not part of the CS224N score
+                results[name] = {"triplet_acc": float(res["pred"].mean())}
+            elif labels and labels[0] is not None:
+                results[name] = metrics_for(kind, res, np.asarray(labels))
+                scores.append(primary(kind, results[name]))
             if pred_dir is not None and task.cfg.kind in PRED_HEADER:
                 write_predictions(pred_dir / f"{name}-{split}-output.csv", task.cfg.kind, res)
     finally:

@@ -135,6 +135,16 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
             "samples_per_s": total_samples / max(1e-9, wall - eval_time)}
 
 
+def select_score(select_metric: str, metrics: dict, step: int) -> float:
+    """The dev number that picks the best checkpoint; without labelled dev data the latest step wins."""
+    if select_metric == "overall":
+        return metrics.get("overall", -step)
+    task, _, metric = select_metric.partition(".")
+    if task not in metrics or metric not in metrics[task]:
+        raise KeyError(f"train.select_metric {select_metric!r} not among the dev metrics {metrics}")
+    return metrics[task][metric]
+
+
 def _evaluate_and_keep_best(cfg, out, model, tasks, dist, writer, step, best) -> dict:
     staging = out / "predictions.tmp"
     metrics = evaluate(model, tasks, "dev", cfg.train.eval_batch_size, dist.device, gather=dist,
@@ -146,7 +156,7 @@ def _evaluate_and_keep_best(cfg, out, model, tasks, dist, writer, step, best) ->
                     writer.add_scalar(f"dev/{task}/{k}", v, step)
         if "overall" in metrics:
             writer.add_scalar("dev/overall", metrics["overall"], step)
-    score = metrics.get("overall", -step)  # without labelled dev data, the latest model counts as best
+    score = select_score(cfg.train.select_metric, metrics, step)
     if score > best["overall"]:
         best = {"overall": score, "step": step, "dev": metrics}
         if dist.is_main:

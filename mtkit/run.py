@@ -25,6 +25,7 @@ from mtkit.data.schedules import make_schedule
 from mtkit.distributed import Dist, init_distributed
 from mtkit.engine import make_engine
 from mtkit.evaluate import evaluate
+from mtkit.export import export_encoder
 from mtkit.model import build_model
 from mtkit.model.encoder import load_tokenizer
 
@@ -107,10 +108,18 @@ def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
 
     # Replicas must agree bit for bit after training; a digest per rank makes that checkable.
     digests = dist.all_gather_object(weights_digest(model))
-    if "test" in cfg.train.predict and any("test" in t.splits for t in tasks.values()):
+    want_test = "test" in cfg.train.predict and any("test" in t.splits for t in tasks.values())
+    exported = None
+    if want_test or cfg.train.export_encoder:
+        dist.barrier()  # rank 0 wrote best/model.pt
         model.load_state_dict(torch.load(out / "best" / "model.pt", map_location=dist.device))
+    if want_test:
         evaluate(model, tasks, "test", cfg.train.eval_batch_size, dist.device, gather=dist,
                  pred_dir=out / "predictions" if dist.is_main else None)
+    if cfg.train.export_encoder:
+        exported = str(out / "encoder")
+        if dist.is_main:
+            export_encoder(model, tokenizer, cfg, out / "encoder")
     results = {
         "dev": result["best"]["dev"],
         "best_step": result["best"]["step"],
@@ -125,6 +134,7 @@ def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
         "rank_weight_digests": digests,
         "seed": cfg.train.seed,
         "git_commit": git_commit(),
+        "exported_encoder": exported,
         "data_sources": {n: t.sources for n, t in tasks.items()},
         "sizes": {n: {s: len(d) for s, d in t.splits.items()} for n, t in tasks.items()},
         "config": config_mod.to_dict(cfg),

@@ -43,6 +43,13 @@ def write_toy_data(root: Path, n: int = 48, seed: int = 0) -> Path:
             f.write("\tid\tsentence1\tsentence2\tsimilarity\n")
             for i in range(n):
                 f.write(f"{i}\ts{split}{i}\t{_sentence(rng)}\t{_sentence(rng)}\t{rng.uniform(0, 5):.2f}\n")
+    (root / "nli").mkdir(exist_ok=True)
+    for name in ("nli_for_simcse-dev.csv", "snli-dev-triples.csv"):
+        with open(root / "nli" / name, "w") as f:
+            f.write("sent0,sent1,hard_neg\r\n")
+            for i in range(n):
+                s = _sentence(rng)
+                f.write(f"{s},{s} very,{_sentence(rng)}\r\n")
     return root
 
 

@@ -10,8 +10,26 @@ from conftest import CONFIGS
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_file_loads_and_validates(path):
-    cfg = config_mod.load(path)
-    assert cfg.tasks, path
+    if config_mod.is_pipeline(path):
+        assert config_mod.load_pipeline(path).stages  # loads every stage's config too
+    else:
+        assert config_mod.load(path).tasks
+
+
+def test_deepspeed_json_configs_parse():
+    import json
+    for z in (0, 1, 2):
+        assert json.loads((CONFIGS / "deepspeed" / f"zero{z}.json").read_text())["zero_optimization"]["stage"] == z
+
+
+def test_pipeline_errors(tmp_path):
+    p = tmp_path / "pipe.yaml"
+    p.write_text(f"stages:\n  - name: a\n    config: {CONFIGS / 'debug_tiny.yaml'}\n    init_from: b\n")
+    with pytest.raises(ConfigError, match="must name an earlier stage"):
+        config_mod.load_pipeline(p)
+    p.write_text("stages:\n  - name: a\n    confg: x.yaml\n")
+    with pytest.raises(ConfigError, match="unknown key 'stages.a.confg'"):
+        config_mod.load_pipeline(p)
 
 
 def test_defaults_and_overrides_are_typed():

@@ -117,3 +117,16 @@ def test_joint_pcgrad_two_ranks_equal_one_rank(data, tmp_path):
     b = torch.load(two / "best" / "model.pt")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-4, worst
+
+
+def test_simcse_pipeline_under_deepspeed(data, tmp_path):
+    root, cache = data
+    out = tmp_path / "pipe"
+    train_args = ["--config", "configs/debug_tiny_simcse.yaml", "--out", str(out), f"--data.root={root}",
+                  f"--data.cache_dir={cache}", "--train.batch_size=8", "--diagnostics.mode=off"]
+    deepspeed("launchers/train.py", *train_args)
+    saved = json.loads((out / "results.json").read_text())
+    assert (saved["engine"], saved["world_size"]) == ("deepspeed", 2)
+    assert list(saved["stages"]) == ["simcse", "multitask"]
+    assert 0 <= saved["stages"]["simcse"]["dev"]["nli"]["triplet_acc"] <= 1
+    assert (out / "simcse" / "encoder" / "config.json").exists()

@@ -137,4 +137,7 @@ def collate(tokens: list[tuple[list[int], ...]], labels: list, pad_id: int, labe
 def batch_for(task: TaskData, split: str, indices: list[int], pad_id: int) -> dict:
     s = task.splits[split]
     dtype = torch.float32 if get_kind(task.cfg.kind).label == "float" else torch.long
-    return collate([s.tokens[i] for i in indices], [s.examples[i].label for i in indices], pad_id, dtype)
+    batch = collate([s.tokens[i] for i in indices], [s.examples[i].label for i in indices], pad_id, dtype)
+    if task.cfg.kind == "sentences" and split == "train":
+        batch["views"] = True  # the model encodes each sentence twice (dropout views)
+    return batch

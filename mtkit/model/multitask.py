@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from mtkit import objectives
+from mtkit.contrastive import distributed_info_nce, unsup_views
 from mtkit.config import Config, TaskConfig
 from mtkit.model.encoder import Encoder
 from mtkit.model.heads import make_head
@@ -13,12 +14,11 @@ NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "
 
 
 class MultiTaskModel(nn.Module):
-    def __init__(self, encoder: Encoder, tasks: list[TaskConfig], contrastive_temperature: float = 0.05):
+    def __init__(self, encoder: Encoder, tasks: list[TaskConfig]):
         super().__init__()
         self.encoder = encoder
         self.tasks = {t.name: t for t in tasks}
         self.heads = nn.ModuleDict({t.name: make_head(t, encoder.hidden_size) for t in tasks})
-        self.temperature = contrastive_temperature
         self.encoder_frozen = False
 
     # ------------------------------------------------------------ parameters
@@ -62,6 +62,9 @@ class MultiTaskModel(nn.Module):
     # ------------------------------------------------------------ forward
     def embed(self, batch: dict) -> torch.Tensor:
         # batch input_ids [n_texts * B, L] (text-major) -> [n_texts, B, H]
+        if batch.get("views"):  # unsupervised SimCSE: two dropout views of each sentence in one call
+            ids, mask = unsup_views(batch["input_ids"], batch["attention_mask"])
+            batch = {"input_ids": ids, "attention_mask": mask, "n_texts": 2}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
             emb = self.encoder(batch["input_ids"], batch["attention_mask"])
         return emb.view(batch["n_texts"], -1, emb.shape[-1])
@@ -74,8 +77,9 @@ class MultiTaskModel(nn.Module):
     def loss(self, task: str, output: torch.Tensor, batch: dict) -> torch.Tensor:
         cfg = self.tasks[task]
         if cfg.kind in ("contrastive", "sentences"):
+            # output [2 or 3, B, H]; every rank's candidates are negatives for every anchor
             negative = output[2] if output.shape[0] > 2 else None
-            return objectives.info_nce(output[0], output[1], negative, self.temperature)
+            return cfg.weight * distributed_info_nce(output[0], output[1], negative, cfg.temperature)
         name = objectives.DEFAULT_LOSS[cfg.kind] if cfg.loss == "auto" else cfg.loss
         return cfg.weight * objectives.LOSSES[name](output, batch["labels"])
 
@@ -90,8 +94,11 @@ class MultiTaskModel(nn.Module):
     def probe_loss(self, task: str, batch: dict) -> torch.Tensor:
         """The task's loss with the encoder in the graph whatever the training mode (frozen encoder,
         leave-out task), so diagnostics can measure the gradient the task *would* send."""
-        emb = self.encoder(batch["input_ids"], batch["attention_mask"])
-        emb = emb.view(batch["n_texts"], -1, emb.shape[-1])
+        frozen, self.encoder_frozen = self.encoder_frozen, False
+        try:
+            emb = self.embed(batch)
+        finally:
+            self.encoder_frozen = frozen
         return self.loss(task, self.heads[task](emb), batch)
 
 
