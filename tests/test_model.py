@@ -53,6 +53,16 @@ def test_pooling_shapes_and_mean_ignores_padding(pooling):
         assert torch.allclose(out, short, atol=1e-6)
 
 
+def test_cosine_classification_head_starts_at_threshold_half():
+    ts = tasks()
+    ts[1].decoder = "cosine"
+    head = MultiTaskModel(tiny_encoder(), ts).heads["quora"]
+    u = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # cos 1 and cos 0
+    logits = head(torch.stack([u, v]))
+    assert torch.allclose(logits[:, 1] - logits[:, 0], torch.tensor([10.0, -10.0]))
+
+
 def test_forward_each_kind_and_cosine_head_init():
     model = MultiTaskModel(tiny_encoder(), tasks()).eval()
     assert model.heads["sts"].out.weight.item() == 5.0 and model.heads["sts"].out.bias.item() == 0.0

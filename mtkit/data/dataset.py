@@ -71,8 +71,16 @@ def load_tasks(cfg: Config, tokenizer, splits=("train", "dev", "test")) -> dict[
                 continue
             src, fmt, columns = resolve_source(task, split, root, cfg.data.hub_fallback)
             limit = task.max_train if split == "train" else task.max_eval
-            loaded[split] = _load_split(task, split, src, fmt, columns, limit, tokenizer,
-                                        cfg.model.max_length, Path(cfg.data.cache_dir))
+            try:
+                loaded[split] = _load_split(task, split, src, fmt, columns, limit, tokenizer,
+                                            cfg.model.max_length, Path(cfg.data.cache_dir))
+            except DataError as e:
+                if src == getattr(task, split):
+                    raise
+                # The hub copy was only a fallback: say how to provide the real files.
+                raise DataError(str(root / getattr(task, split)), None,
+                                f"not found, and the hub copy failed ({e.problem}). Put the CS224N files "
+                                f"under the data root (data.root or MTKIT_DATA; currently {root})") from None
             sources[split] = src
         if "train" in splits and "train" not in loaded:
             raise DataError(f"<config task {task.name}>", None, "a task needs a train split")

@@ -91,12 +91,18 @@ class PairHead(Head):
         out_dim = 1 if task.kind == "pair_regression" else _num_labels(task)
         super().__init__(task, decoder.dim(hidden), out_dim)
         self.decoder = decoder
-        if task.decoder == "cosine" and task.kind == "pair_regression" and task.label_range:
-            # Start at score = low + (high - low) * cos, the usual cosine-to-score map.
-            low, high = task.label_range
+        if task.decoder == "cosine":
             with torch.no_grad():
-                self.out.weight.fill_(high - low)
-                self.out.bias.fill_(low)
+                if task.kind == "pair_regression" and task.label_range:
+                    # Start at score = low + (high - low) * cos, the usual cosine-to-score map.
+                    low, high = task.label_range
+                    self.out.weight.fill_(high - low)
+                    self.out.bias.fill_(low)
+                elif out_dim == 2:
+                    # logit(1) - logit(0) = 20 * (cos - 0.5): a contrastive-style scale, so the loss
+                    # shapes the cosine geometry from the first step instead of waiting for the head.
+                    self.out.weight.copy_(torch.tensor([[-10.0], [10.0]]))
+                    self.out.bias.copy_(torch.tensor([5.0, -5.0]))
 
     def features(self, emb):
         return self.decoder(emb[0], emb[1])
