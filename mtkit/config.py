@@ -30,6 +30,8 @@ class ModelConfig:
     max_length: int = 128
     random_init: bool = False           # keep the architecture and tokenizer, draw fresh weights
     arch: dict[str, int] = field(default_factory=dict)  # BertConfig overrides, e.g. tiny test models
+    embed_chunk: Optional[int] = None   # encode at most N texts at once, recomputing activations in
+                                        # backward (gradient caching): big contrastive batches, small memory
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""Contrastive learning at large batch: cross-rank negatives, gradient caching, unsupervised views.
+"""Contrastive learning at large batch: cross-rank negatives and unsupervised views.
 
-Shapes: B anchors per rank, W ranks, H hidden, L tokens, b rows per chunk.
+Shapes: B anchors per rank, W ranks, H hidden, L tokens. (Gradient caching for big batches on small
+memory is `model.embed_chunk`, see `MultiTaskModel._encode`.)
 
 Gradient convention across ranks
 --------------------------------
@@ -31,14 +32,11 @@ would only see the pull of local anchors on local candidates, which is not the g
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-Chunk = TypeVar("Chunk")
 
 
 def _world_rank() -> tuple[int, int]:
@@ -118,76 +116,6 @@ def distributed_info_nce(anchor: torch.Tensor, positive: torch.Tensor, negative:
     c = F.normalize(candidates.to(dtype), dim=-1, eps=1e-8)                     # [W*B or 2*W*B, H]
     labels = offset + torch.arange(anchor.shape[0], device=anchor.device)      # [B]
     return F.cross_entropy(a @ c.T / temperature, labels)
-
-
-def _rng_devices() -> list[int]:
-    # Only a device that has run something can hold dropout state worth replaying.
-    return [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-
-
-def _get_rng(devices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-
-
-def _set_rng(state: tuple[torch.Tensor, list[torch.Tensor]], devices: list[int]) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    for device, device_state in zip(devices, cuda):
-        torch.cuda.set_rng_state(device_state, device)
-
-
-def cached_contrastive_backward(embed_fn: Callable[[Chunk], torch.Tensor],
-                                inputs_per_role: Sequence[Sequence[Chunk]],
-                                loss_fn: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """Gradient cache (Gao et al. 2021): the gradient of a big-batch contrastive loss, chunk by chunk.
-
-    A contrastive loss couples every row with every other, so the batch cannot simply be split into
-    accumulated micro-batches; but it only touches the encoder through the embeddings. Hence
-
-        dL/dtheta = sum over chunks k of (dL/de_k)^T de_k/dtheta,
-
-    and dL/de_k is cheap once all embeddings e are known. Three passes:
-      1. embed every chunk without a graph, recording the RNG state before each one;
-      2. evaluate loss_fn on the detached embeddings and back-propagate to get dL/de (and the grads of
-         any parameter inside loss_fn, e.g. a learnable temperature);
-      3. re-embed each chunk with a graph under its recorded RNG state, so dropout draws the same
-         masks as in pass 1 and e_k is the same function of theta, and back-propagate dL/de_k.
-    Peak activation memory is one chunk's, and parameter grads accumulate (.grad +=) to those of
-    loss_fn(*[embed_fn(c) for c in chunks]) under the same RNG. Pass 3 runs inside a forked RNG, so
-    the global stream ends where a single forward would have left it.
-
-    embed_fn: chunk -> [b, H]. inputs_per_role: one list of chunks per role (e.g. anchor, positive,
-    negative); each role's chunk embeddings are concatenated in order, so loss_fn(*roles) receives one
-    [B_role, H] tensor per role and returns a scalar; it may call `distributed_info_nce` (the gathers
-    then run in pass 2, on every rank alike). The returned value is loss_fn's output, detached: any
-    loss scaling (AMP, accumulation) belongs inside loss_fn. Under DDP, pass 3's backward calls all
-    sync gradients unless the caller wraps them in `no_sync()` except the last.
-    """
-    devices = _rng_devices()
-    states: list[list[tuple[torch.Tensor, list[torch.Tensor]]]] = []
-    rows: list[list[int]] = []
-    cached: list[torch.Tensor] = []
-    with torch.no_grad():
-        for chunks in inputs_per_role:
-            role_states, embs = [], []
-            for chunk in chunks:
-                role_states.append(_get_rng(devices))
-                embs.append(embed_fn(chunk))                                    # [b, H]
-            states.append(role_states)
-            rows.append([e.shape[0] for e in embs])
-            cached.append(torch.cat(embs).requires_grad_())                    # [B_role, H]
-
-    loss = loss_fn(*cached)
-    loss.backward()
-
-    with torch.random.fork_rng(devices=devices):
-        for chunks, role_states, role_rows, role_emb in zip(inputs_per_role, states, rows, cached):
-            if role_emb.grad is None:  # the loss ignores this role: nothing flows to the encoder
-                continue
-            for chunk, state, grad in zip(chunks, role_states, role_emb.grad.split(role_rows)):
-                _set_rng(state, devices)
-                embed_fn(chunk).backward(grad)
-    return loss.detach()
 
 
 def unsup_views(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

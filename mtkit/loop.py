@@ -67,10 +67,8 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
     model.freeze_encoder(probing)
     model.train()
 
-    loss_sum = {t: torch.zeros((), device=dist.device) for t in tasks}
-    loss_n = dict.fromkeys(tasks, 0)
-    samples, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
-    total_samples, eval_time = 0, 0.0
+    meter = _Meter(list(tasks), dist.device)
+    t_start, total_samples, eval_time = time.perf_counter(), 0, 0.0
     bar = tqdm(total=steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     trace = _open_trace(out, dist) if cfg.train.trace else None
     while step < steps:
@@ -91,10 +89,8 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
                 for h in hooks:
                     h.on_backward(step, task, engine)
                 engine.step()
-                loss_sum[task] += loss.detach().float()
-                loss_n[task] += 1
                 n = batch["input_ids"].shape[0] // batch["n_texts"] * dist.world_size
-                samples += n
+                meter.add(task, loss, n)
                 total_samples += n
         step += 1
         bar.update(1)
@@ -102,24 +98,13 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
             h.on_step(step, engine)
 
         if step % cfg.train.log_every == 0 or step == steps:
-            now = time.perf_counter()
-            if writer is not None:
-                for t in tasks:
-                    if loss_n[t]:
-                        writer.add_scalar(f"train/loss/{t}", (loss_sum[t] / loss_n[t]).item(), step)
-                for name, lr in engine.lrs().items():
-                    writer.add_scalar(f"lr/{name}", lr, step)
-                writer.add_scalar("throughput/samples_per_s", samples / (now - t_log), step)
-            bar.set_postfix({t: f"{(loss_sum[t] / loss_n[t]).item():.3f}" for t in tasks if loss_n[t]})
-            loss_sum = {t: torch.zeros((), device=dist.device) for t in tasks}
-            loss_n = dict.fromkeys(tasks, 0)
-            samples, t_log = 0, time.perf_counter()
+            meter.log(step, writer, bar, engine.lrs())
 
         if step % eval_every == 0 or step == steps:
             t_eval = time.perf_counter()
             best = _evaluate_and_keep_best(cfg, out, model, tasks, dist, writer, step, best)
-            t_log = time.perf_counter()  # evaluation time is not training throughput
-            eval_time += t_log - t_eval
+            meter.restart_clock()  # evaluation time is not training throughput
+            eval_time += time.perf_counter() - t_eval
             if cfg.train.save_checkpoints:
                 client = {"step": step, "best": best, "sampler": sampler.state_dict()}
                 if joint is not None:
@@ -133,6 +118,40 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
     wall = time.perf_counter() - t_start
     return {"best": best, "steps": step, "wall_time_s": wall, "eval_time_s": eval_time,
             "samples_per_s": total_samples / max(1e-9, wall - eval_time)}
+
+
+class _Meter:
+    """Per-task mean loss and throughput over a log window. Losses stay on the device until logged:
+    `.item()` is a sync, so it happens once per window."""
+
+    def __init__(self, tasks: list[str], device):
+        self.tasks, self.device = tasks, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = {t: torch.zeros((), device=self.device) for t in self.tasks}
+        self.count = dict.fromkeys(self.tasks, 0)
+        self.samples = 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.start = time.perf_counter()
+
+    def add(self, task: str, loss: torch.Tensor, samples: int) -> None:
+        self.loss[task] += loss.detach().float()
+        self.count[task] += 1
+        self.samples += samples
+
+    def log(self, step: int, writer, bar, lrs: dict[str, float]) -> None:
+        means = {t: (self.loss[t] / self.count[t]).item() for t in self.tasks if self.count[t]}
+        if writer is not None:
+            for t, v in means.items():
+                writer.add_scalar(f"train/loss/{t}", v, step)
+            for name, lr in lrs.items():
+                writer.add_scalar(f"lr/{name}", lr, step)
+            writer.add_scalar("throughput/samples_per_s", self.samples / (time.perf_counter() - self.start), step)
+        bar.set_postfix({t: f"{v:.3f}" for t, v in means.items()})
+        self.reset()
 
 
 def select_score(select_metric: str, metrics: dict, step: int) -> float:

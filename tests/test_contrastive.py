@@ -1,7 +1,7 @@
-"""Cross-rank InfoNCE, gradient caching and unsupervised views against their single-process definitions."""
+"""Cross-rank InfoNCE, gradient caching (chunked re-encoding) and unsupervised views against their
+single-process definitions."""
 
 import datetime
-import itertools
 import socket
 import time
 from pathlib import Path
@@ -12,10 +12,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 
-from mtkit.config import ModelConfig
-from mtkit.contrastive import cached_contrastive_backward, distributed_info_nce, gather_with_grad, unsup_views
+from mtkit.config import ModelConfig, TaskConfig
+from mtkit.contrastive import distributed_info_nce, gather_with_grad, unsup_views
+from mtkit.model import MultiTaskModel
 from mtkit.model.encoder import Encoder
 from mtkit.objectives import info_nce
 
@@ -81,10 +83,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         out["loss_no_neg"], out["grads_no_neg"] = loss.detach(), mean_over_ranks(grads(model))
 
         model = make_mlp()
-        # Chunks of 2 and 1 rows: the cache must not assume chunks of equal size.
-        loss = cached_contrastive_backward(model, [list(local[r].split(2)) for r in ROLES],
-                                           lambda a, p, n: distributed_info_nce(a, p, n, TEMP))
-        out["cached_loss"], out["cached_grads"] = loss, mean_over_ranks(grads(model))
+        # Gradient caching as in MultiTaskModel: chunks of 2 and 1 rows encoded under activation
+        # recomputation, then the cross-rank loss over all of them.
+        loss = distributed_info_nce(*(torch.cat([checkpoint(model, c, use_reentrant=False)
+                                                 for c in local[r].split(2)]) for r in ROLES), TEMP)
+        loss.backward()
+        out["cached_loss"], out["cached_grads"] = loss.detach(), mean_over_ranks(grads(model))
 
         model = make_mlp()
         a, p, n = (model(local[r]) for r in ROLES)
@@ -240,97 +244,61 @@ def token_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids * mask, mask
 
 
-def triples() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [token_batch(N_TRIPLES, seed) for seed in range(3)]          # anchor, positive, negative
+def triple_batch() -> dict:
+    """Anchor, positive and negative token rows, text-major as the collate function lays them out."""
+    parts = [token_batch(N_TRIPLES, seed) for seed in range(3)]
+    return {"input_ids": torch.cat([p[0] for p in parts]), "attention_mask": torch.cat([p[1] for p in parts]),
+            "n_texts": 3}
 
 
-def chunked(batch: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(zip(*(t.split(CHUNK) for t in batch)))
+def nli_model(tmp_path: Path, dropout: float, chunk: int | None) -> MultiTaskModel:
+    task = TaskConfig(name="nli", kind="contrastive", temperature=TEMP)
+    return MultiTaskModel(tiny_encoder(tmp_path, dropout), [task], embed_chunk=chunk).train()
 
 
-def contrastive(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    return info_nce(a, p, n, TEMP)
-
-
-def ignoring_negatives(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    return info_nce(a, p, None, TEMP)
-
-
-def plain_chunked_step(model: Encoder, seed: int,
-                       loss_fn=contrastive) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The full-batch graph, built chunk by chunk in the order the cache embeds (same dropout masks)."""
+def step(model: MultiTaskModel, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    roles = [torch.cat([model(*c) for c in chunked(batch)]) for batch in triples()]
-    loss = loss_fn(*roles)
+    loss = model("nli", triple_batch())
     loss.backward()
     return loss.detach(), grads(model)
 
 
-def cached_step(model: Encoder, seed: int, embed_fn=None,
-                loss_fn=contrastive) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def plain_chunked_step(model: MultiTaskModel, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The same chunks encoded with a full graph kept in memory: what the cache must reproduce."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    loss = cached_contrastive_backward(embed_fn or (lambda c: model(*c)),
-                                       [chunked(batch) for batch in triples()], loss_fn)
-    return loss, grads(model)
+    b = triple_batch()
+    emb = torch.cat([model.encoder(i, m) for i, m in zip(b["input_ids"].split(CHUNK),
+                                                        b["attention_mask"].split(CHUNK))])
+    loss = model.loss("nli", emb.view(3, N_TRIPLES, -1), b)
+    loss.backward()
+    return loss.detach(), grads(model)
 
 
 def max_gap(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
     return max((a - e).abs().max().item() for a, e in zip(actual, expected, strict=True))
 
 
-def test_grad_cache_equals_single_full_batch_call_without_dropout(tmp_path):
-    model = tiny_encoder(tmp_path, dropout=0.0)
-    model.zero_grad(set_to_none=True)
-    loss = contrastive(*(model(*batch) for batch in triples()))
-    loss.backward()
-    expected = grads(model)
-    cached_loss, cached = cached_step(model, seed=0)
-    torch.testing.assert_close(cached_loss, loss.detach(), rtol=0, atol=1e-5)
+def test_chunked_encoding_equals_one_call_without_dropout(tmp_path):
+    expected_loss, expected = step(nli_model(tmp_path, 0.0, None), seed=0)
+    loss, cached = step(nli_model(tmp_path, 0.0, CHUNK), seed=0)
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-5)
     assert max_gap(cached, expected) < 1e-5
 
 
-# ignoring_negatives: the negatives are embedded (and draw dropout) but get no gradient, so the cache
-# skips their replay; the stream must still end where the plain step leaves it.
-@pytest.mark.parametrize("loss_fn", [contrastive, ignoring_negatives])
-def test_grad_cache_replays_dropout(tmp_path, loss_fn):
-    model = tiny_encoder(tmp_path, dropout=0.1)
-    expected_loss, expected = plain_chunked_step(model, seed=3, loss_fn=loss_fn)
+def test_chunked_encoding_replays_dropout(tmp_path):
+    model = nli_model(tmp_path, 0.1, CHUNK)
+    expected_loss, expected = plain_chunked_step(model, seed=3)
     after_plain = torch.rand(4)
-    cached_loss, cached = cached_step(model, seed=3, loss_fn=loss_fn)
+    loss, cached = step(model, seed=3)
     after_cached = torch.rand(4)
-    torch.testing.assert_close(cached_loss, expected_loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-5)
     assert max_gap(cached, expected) < 1e-5
-    # The replay runs in a forked RNG: training continues on the same random stream as without the cache.
+    # Recomputation restores its RNG: training continues on the same random stream as without the cache.
     assert torch.equal(after_cached, after_plain)
     # The masks matter: another draw of dropout gives a visibly different gradient.
-    assert max_gap(plain_chunked_step(model, seed=4, loss_fn=loss_fn)[1], expected) > 1e-3
-
-
-def test_grad_cache_without_replay_gets_wrong_gradients(tmp_path):
-    model = tiny_encoder(tmp_path, dropout=0.1)
-    calls = itertools.count()
-
-    def fresh_masks(chunk):
-        torch.manual_seed(next(calls))  # overrides the restored state: pass 3 draws new masks
-        return model(*chunk)
-
-    loss, cached = cached_step(model, seed=0, embed_fn=fresh_masks)
-    # Reference with pass 1's masks: chunk k embedded under seed k.
-    model.zero_grad(set_to_none=True)
-    seeds = itertools.count()
-    roles = []
-    for batch in triples():
-        embs = []
-        for c in chunked(batch):
-            torch.manual_seed(next(seeds))
-            embs.append(model(*c))
-        roles.append(torch.cat(embs))
-    expected_loss = contrastive(*roles)
-    expected_loss.backward()
-    torch.testing.assert_close(loss, expected_loss.detach(), rtol=0, atol=1e-5)
-    assert max_gap(cached, grads(model)) > 1e-3
+    assert max_gap(plain_chunked_step(model, seed=4)[1], expected) > 1e-3
 
 
 # ---------------------------------------------------------------- unsupervised SimCSE views

@@ -51,3 +51,19 @@ def test_exported_encoder_reproduces_the_trained_embeddings(toy_root, tmp_path):
     assert trained.keys() == hf.keys()
     for k, v in hf.items():
         assert torch.equal(v, trained[k]), k
+
+
+def test_unsupervised_simcse_on_plain_sentences(toy_root, tmp_path):
+    from mtkit import config as config_mod
+    from mtkit.run import run
+    lines = toy_root / "sentences.txt"
+    lines.write_text("".join(f"sentence number {i} is about {w}\n" for i, w in enumerate(["films", "plots"] * 24)))
+    cfg = config_mod.load(CONFIGS / "debug_tiny_nli.yaml", {
+        "data.root": str(toy_root), "data.cache_dir": str(tmp_path / "c"),
+        "tasks": [{"name": "unsup", "kind": "sentences", "train": "sentences.txt"}],
+        "train.select_metric": "overall", "train.eval_every": 1000, "model.embed_chunk": 8})
+    results = run(cfg, tmp_path / "unsup")
+    assert results["steps"] == 2 and results["dev"] == {}  # 48 sentences / batch 32, no dev split
+    from test_smoke import scalars
+    losses = [v for _, v in scalars(tmp_path / "unsup", "train/loss/unsup")["train/loss/unsup"]]
+    assert losses and all(0 < v < 10 for v in losses)

@@ -41,19 +41,19 @@ class TaskData:
     sources: dict[str, str]               # split -> where it was read from
 
 
-def resolve_source(task: TaskConfig, split: str, root: Path, hub_fallback: bool) -> tuple[str, str, dict]:
-    """(path, format, columns) for one split; falls back to the task's hub copy when the file is absent."""
+def resolve_source(task: TaskConfig, split: str, root: Path, hub_fallback: bool) -> tuple[str, str, dict, bool]:
+    """(path, format, columns, is_fallback) for one split; the task's hub copy when the file is absent."""
     path = getattr(task, split)
     if path.startswith("hf:"):
-        return path, "hf", task.columns
+        return path, "hf", task.columns, False
     full = Path(path) if os.path.isabs(path) else root / path
     if full.exists():
-        return str(full), task.format, task.columns
+        return str(full), task.format, task.columns, False
     hub = task.hub.get(split)
     if hub and hub_fallback:
         log.warning("%s: %s not found; using the public hub copy %s (needs network access)",
                     task.name, full, hub)
-        return hub, "hf", task.hub_columns or task.columns
+        return hub, "hf", task.hub_columns or task.columns, True
     raise DataError(str(full), None,
                     f"file not found for task {task.name!r} ({split}). Put the CS224N files under the data "
                     f"root (data.root in the config, or the MTKIT_DATA environment variable; currently "
@@ -69,13 +69,13 @@ def load_tasks(cfg: Config, tokenizer, splits=("train", "dev", "test")) -> dict[
         for split in splits:
             if getattr(task, split) is None:
                 continue
-            src, fmt, columns = resolve_source(task, split, root, cfg.data.hub_fallback)
+            src, fmt, columns, fallback = resolve_source(task, split, root, cfg.data.hub_fallback)
             limit = task.max_train if split == "train" else task.max_eval
             try:
                 loaded[split] = _load_split(task, split, src, fmt, columns, limit, tokenizer,
                                             cfg.model.max_length, Path(cfg.data.cache_dir))
             except DataError as e:
-                if src == getattr(task, split):
+                if not fallback:
                     raise
                 # The hub copy was only a fallback: say how to provide the real files.
                 raise DataError(str(root / getattr(task, split)), None,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mtkit import objectives
 from mtkit.contrastive import distributed_info_nce, unsup_views
@@ -14,9 +15,10 @@ NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "
 
 
 class MultiTaskModel(nn.Module):
-    def __init__(self, encoder: Encoder, tasks: list[TaskConfig]):
+    def __init__(self, encoder: Encoder, tasks: list[TaskConfig], embed_chunk: int | None = None):
         super().__init__()
         self.encoder = encoder
+        self.embed_chunk = embed_chunk
         self.tasks = {t.name: t for t in tasks}
         self.heads = nn.ModuleDict({t.name: make_head(t, encoder.hidden_size) for t in tasks})
         self.encoder_frozen = False
@@ -65,9 +67,20 @@ class MultiTaskModel(nn.Module):
         if batch.get("views"):  # unsupervised SimCSE: two dropout views of each sentence in one call
             ids, mask = unsup_views(batch["input_ids"], batch["attention_mask"])
             batch = {"input_ids": ids, "attention_mask": mask, "n_texts": 2}
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            emb = self.encoder(batch["input_ids"], batch["attention_mask"])
+        grad = torch.is_grad_enabled() and not self.encoder_frozen
+        with torch.set_grad_enabled(grad):
+            emb = self._encode(batch["input_ids"], batch["attention_mask"], chunked=grad)
         return emb.view(batch["n_texts"], -1, emb.shape[-1])
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor, chunked: bool) -> torch.Tensor:
+        """Gradient caching (Gao et al. 2021) as activation recomputation: each chunk keeps only its
+        inputs and RNG state in forward, and is re-encoded (same dropout masks) when backward reaches
+        it, so activation memory is one chunk's while the loss still sees every embedding at once."""
+        c = self.embed_chunk
+        if not chunked or not c or ids.shape[0] <= c:
+            return self.encoder(ids, mask)
+        return torch.cat([checkpoint(self.encoder, ids[i:i + c], mask[i:i + c], use_reentrant=False)
+                          for i in range(0, ids.shape[0], c)])
 
     def predict(self, task: str, emb: torch.Tensor) -> torch.Tensor:
         if self.tasks[task].leave_out:
@@ -103,4 +116,4 @@ class MultiTaskModel(nn.Module):
 
 
 def build_model(cfg: Config) -> MultiTaskModel:
-    return MultiTaskModel(Encoder(cfg.model), cfg.tasks)
+    return MultiTaskModel(Encoder(cfg.model), cfg.tasks, cfg.model.embed_chunk)
