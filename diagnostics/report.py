@@ -56,15 +56,23 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> dict:
     "pairs": {"a__b": {"n", "cos_mean", "cos_std" (population),
     "conflict_share" (fraction of records with cos < 0), "layer_cos_mean"
     {group: mean cosine}, "most_negative_layers" [up to 3 groups with
-    negative mean cosine, most negative first]}}}``.  A pair is averaged over
-    the records that contain it.
+    negative mean cosine, most negative first]}}, "tasks_summary": {task:
+    {"norm_mean", "pcgrad_removed_mean"}}, "conflict_rate_mean",
+    "pcgrad_cos_sum_mean"}``.  A pair is averaged over the records that
+    contain it.
     """
     records = load_records(run_dir)
     tasks: dict[str, None] = {}
     groups: dict[str, None] = {}
     cos: dict[str, list[float]] = {}
     layer: dict[str, dict[str, list[float]]] = {}
+    norm: dict[str, list[float]] = {}
+    removed: dict[str, list[float]] = {}
     for record in records:
+        for task, value in record.get("norm", {}).items():
+            norm.setdefault(task, []).append(value)
+        for task, value in record.get("pcgrad_removed", {}).items():
+            removed.setdefault(task, []).append(value)
         tasks |= dict.fromkeys(record.get("tasks", []))
         groups |= dict.fromkeys(record.get("groups", []))
         for pair, value in record["cos"].items():
@@ -92,6 +100,10 @@ def summarize_run(run_dir: str | os.PathLike[str]) -> dict:
         "tasks": list(tasks),
         "groups": list(groups),
         "pairs": pairs,
+        "tasks_summary": {t: {"norm_mean": _mean(norm[t]), "pcgrad_removed_mean": _mean(removed.get(t, [0.0]))}
+                          for t in norm},
+        "conflict_rate_mean": _mean([r["conflict_rate"] for r in records if "conflict_rate" in r] or [0.0]),
+        "pcgrad_cos_sum_mean": _mean([r["pcgrad_cos_sum"] for r in records if "pcgrad_cos_sum" in r] or [1.0]),
     }
 
 
@@ -111,6 +123,14 @@ def format_table(summary: dict) -> str:
             f"{pair:<{width}}  {s['cos_mean']:>+8.3f}  {s['cos_std']:>7.3f}  "
             f"{s['conflict_share']:>8.1%}  {worst or '-'}"
         )
+    if summary.get("tasks_summary"):
+        tw = max(len("task"), *(len(t) for t in summary["tasks_summary"]))
+        header = f"{'task':<{tw}}  {'grad norm':>9}  {'PCGrad would remove':>19}"
+        lines += ["", header, "-" * len(header)]
+        for task, t in summary["tasks_summary"].items():
+            lines.append(f"{task:<{tw}}  {t['norm_mean']:>9.3f}  {t['pcgrad_removed_mean']:>19.1%}")
+        lines += ["", f"mean conflict rate (share of conflicting pairs): {summary['conflict_rate_mean']:.3f}",
+                  f"mean cosine(plain sum, PCGrad combination): {summary['pcgrad_cos_sum_mean']:.4f}"]
     return "\n".join(lines)
 
 

@@ -122,3 +122,18 @@ def test_report_errors_name_file_and_line(tmp_path):
     (tmp_path / "diagnostics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ValueError, match=r"diagnostics\.jsonl:1: not a diagnostics record"):
         summarize_run(tmp_path)
+
+
+def test_summarize_run_task_and_pcgrad_means(tmp_path):
+    records = make_records()
+    write_jsonl(tmp_path, records)
+    summary = summarize_run(tmp_path)
+    for task in ("sst", "qqp", "sts"):
+        t = summary["tasks_summary"][task]
+        assert t["norm_mean"] == pytest.approx(sum(r["norm"][task] for r in records) / 3)
+        assert t["pcgrad_removed_mean"] == pytest.approx(sum(r["pcgrad_removed"][task] for r in records) / 3)
+    assert summary["conflict_rate_mean"] == pytest.approx(sum(r["conflict_rate"] for r in records) / 3)
+    assert summary["pcgrad_cos_sum_mean"] == pytest.approx(sum(r["pcgrad_cos_sum"] for r in records) / 3)
+    table = format_table(summary)
+    assert "PCGrad would remove" in table
+    assert f"{summary['pcgrad_cos_sum_mean']:.4f}" in table
