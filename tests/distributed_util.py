@@ -1,11 +1,16 @@
-"""Launch real multi-process DeepSpeed runs on CPU ranks from tests."""
+"""Multi-process helpers for tests: gloo workers spawned in-process, and real DeepSpeed launches."""
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
 
 from conftest import REPO
 
@@ -16,6 +21,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_ranks(worker, out_dir: Path, world: int, timeout_s: float = 90) -> list[dict]:
+    """Run `worker(rank, port, out_dir)` on `world` spawned processes; each saves `out_dir/rank{r}.pt`.
+
+    A hang kills the workers and fails the test instead of blocking the suite."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned workers
+        context = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=world, join=False,
+                                     start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("distributed workers hung")
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def env() -> dict:

@@ -1,17 +1,15 @@
 """Distributed-exact Grams and the gradient probe: 2 gloo ranks equal one process on the full data."""
 
 import datetime
-import socket
-import time
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from distributed_util import spawn_ranks
 from diagnostics.gram import global_group_grams, group_grams
 from diagnostics.probe import GradientProbe, StreamTracker
 from diagnostics.stats import cosines
@@ -119,27 +117,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("ranks")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned workers
-        context = mp.start_processes(
-            _worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
-        )
-    deadline = time.monotonic() + 90
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("distributed workers hung")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("ranks"), WORLD)
 
 
 @pytest.mark.parametrize("case", list(GRAM_CASES))
