@@ -1,6 +1,7 @@
 """Gradient-conflict diagnostics for multi-task training, computed from Gram matrices.
 
-Independent of the training code: depends on torch (and matplotlib for plots) only.
+The statistics depend on torch and mtkit.strategies (PCGrad's projection); `diagnostics.hooks`
+connects them to mtkit's training loop.
 """
 
 from .gram import global_group_grams, group_grams

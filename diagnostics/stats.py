@@ -16,6 +16,11 @@ from collections.abc import Sequence
 
 import torch
 
+# The PCGrad projection is the training strategy's own, so the statistics describe exactly what
+# `train.strategy: pcgrad` would do.
+from mtkit.strategies.base import random_orders
+from mtkit.strategies.pcgrad import pcgrad_coefficients
+
 PAIR_SEPARATOR = "__"
 
 
@@ -55,14 +60,6 @@ def conflict_rate(K: torch.Tensor) -> float:
     return float(conflicts(K)[upper].double().mean())
 
 
-def random_orders(n_tasks: int, generator: torch.Generator) -> torch.Tensor:
-    """One random visiting order per task, as PCGrad samples it.  -> [T, T] long.
-
-    Row i is a permutation of ``range(T)``; task i skips itself when visiting.
-    """
-    return torch.stack([torch.randperm(n_tasks, generator=generator) for _ in range(n_tasks)])
-
-
 def as_orders(order: Sequence[int] | torch.Tensor, n_tasks: int) -> torch.Tensor:
     """Normalise a fixed order: [T] (shared by every task) or [T, T] (one per task) -> [T, T]."""
     orders = torch.as_tensor(order, dtype=torch.long)
@@ -74,27 +71,6 @@ def as_orders(order: Sequence[int] | torch.Tensor, n_tasks: int) -> torch.Tensor
     if not all(torch.equal(row.sort().values, expected) for row in orders):
         raise ValueError("each order must be a permutation of range(T)")
     return orders
-
-
-def pcgrad_coefficients(K: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
-    """PCGrad-projected gradients as combinations of the original ones.  -> C [T, T].
-
-    Row i gives g_i' = Σ_k C[i, k] g_k: starting from g_i, for each other task
-    j in ``orders[i]``, if g_i'·g_j < 0 the component of g_i' along the
-    *original* g_j is removed (projection onto g_j's normal plane).
-    K: [T, T]; orders: [T, T].
-    """
-    T = K.shape[0]
-    C = torch.eye(T, dtype=torch.float64)  # [T, T]
-    K = K.to(torch.float64).cpu()
-    for i in range(T):
-        for j in orders[i].tolist():
-            if j == i or K[j, j] <= 0:
-                continue
-            dot = C[i] @ K[:, j]  # g_i'·g_j
-            if dot < 0:
-                C[i, j] -= dot / K[j, j]
-    return C
 
 
 def pcgrad_removed(K: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:

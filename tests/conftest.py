@@ -73,6 +73,16 @@ def tiny_cfg(toy_root, tmp_path):
     return lambda **kw: tiny_config(toy_root, tmp_path / "cache", **kw)
 
 
+def conflicting_gradients(T: int, P: int, seed: int):
+    """[T, P] float64 gradients sharing a component with alternating sign, so task pairs conflict."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(T, P, generator=gen, dtype=torch.float64)
+    shared = torch.randn(P, generator=gen, dtype=torch.float64)
+    signs = torch.tensor([1.0, -1.0] * T, dtype=torch.float64)[:T, None]
+    return G + 2.0 * signs * shared
+
+
 def require_real_data():
     if not (REAL_DATA / "sst" / "ids-sst-train.csv").exists():
         pytest.skip(f"CS224N data not found at {REAL_DATA}: set MTKIT_DATA to the data folder")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diagnostics.gram import global_group_grams, group_grams
+from conftest import conflicting_gradients
 from diagnostics.groups import flat_group_ids, group_index, layer_groups
 from diagnostics.stats import (
     as_orders,
@@ -24,12 +25,7 @@ from diagnostics.stats import (
 
 
 def random_gradients(T: int, P: int, seed: int) -> torch.Tensor:
-    """[T, P] float64 gradients with a shared component pulled negative for some tasks."""
-    gen = torch.Generator().manual_seed(seed)
-    G = torch.randn(T, P, generator=gen, dtype=torch.float64)
-    shared = torch.randn(P, generator=gen, dtype=torch.float64)
-    signs = torch.tensor([1.0, -1.0] * T, dtype=torch.float64)[:T, None]
-    return G + 2.0 * signs * shared
+    return conflicting_gradients(T, P, seed)
 
 
 def explicit_pcgrad(G: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:

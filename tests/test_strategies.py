@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import conflicting_gradients
 from mtkit.strategies import (
     STRATEGIES,
     CAGrad,
@@ -16,15 +17,6 @@ from mtkit.strategies import (
     make_strategy,
     pcgrad_coefficients,
 )
-
-
-def conflicting_gradients(T: int, P: int, seed: int) -> torch.Tensor:
-    """[T, P] float64 gradients sharing a component with alternating sign, so pairs conflict."""
-    gen = torch.Generator().manual_seed(seed)
-    G = torch.randn(T, P, generator=gen, dtype=torch.float64)
-    shared = torch.randn(P, generator=gen, dtype=torch.float64)
-    signs = torch.tensor([1.0, -1.0] * T, dtype=torch.float64)[:T, None]
-    return G + 2.0 * signs * shared
 
 
 def orders_like_strategy(T: int, gen: torch.Generator) -> list[list[int]]:
