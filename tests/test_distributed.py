@@ -75,7 +75,7 @@ def test_resume_is_exact(zero_run, tmp_path, data):
     assert r_again["rank_weight_digests"] == r_full["rank_weight_digests"]
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_two_ranks_equal_one_rank_at_the_same_global_batch(stage, data, tmp_path):
     # fp32, no dropout: the only difference is the order of floating-point sums (rank-local means,
     # then an all-reduce average), so weights agree to ~1e-6 and metrics to 1e-4.
@@ -91,6 +91,19 @@ def test_two_ranks_equal_one_rank_at_the_same_global_batch(stage, data, tmp_path
     rb = json.loads((two / "results.json").read_text())["dev"]
     assert rb["overall"] == pytest.approx(ra["overall"], abs=1e-4)
     assert rb["sts"]["pearson"] == pytest.approx(ra["sts"]["pearson"], abs=1e-4)
+    # The gradient probe: each rank holds half of every probe batch, the Gram is reduced across ranks,
+    # and the result equals the single-process fp32 computation on the whole probe batch.
+    da = [json.loads(x) for x in (one / "diagnostics.jsonl").read_text().splitlines()]
+    db = [json.loads(x) for x in (two / "diagnostics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in da] == [r["step"] for r in db] and da
+    first_a, first_b = da[0], db[0]  # weights still agree to ~1e-7 at the first probe
+    for pair, cos in first_a["cos"].items():
+        assert first_b["cos"][pair] == pytest.approx(cos, abs=1e-5), pair
+        for group, c in first_a["layer_cos"][pair].items():
+            assert first_b["layer_cos"][pair][group] == pytest.approx(c, abs=1e-5), (pair, group)
+    for ra_, rb_ in zip(da, db):
+        for pair, cos in ra_["cos"].items():
+            assert rb_["cos"][pair] == pytest.approx(cos, abs=1e-4), (ra_["step"], pair)
 
 
 def test_heads_and_optimizer_state_isolated_under_zero(tmp_path):
@@ -130,3 +143,22 @@ def test_simcse_pipeline_under_deepspeed(data, tmp_path):
     assert list(saved["stages"]) == ["simcse", "multitask"]
     assert 0 <= saved["stages"]["simcse"]["dev"]["nli"]["triplet_acc"] <= 1
     assert (out / "simcse" / "encoder" / "config.json").exists()
+
+
+def test_torchrun_launch(data, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path as P
+    from distributed_util import env, free_port
+    from conftest import REPO
+    root, cache = data
+    out = tmp_path / "torchrun"
+    torchrun = P(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "launchers/train.py",
+           "--config", "configs/debug_tiny.yaml", "--out", str(out), *common(root, cache),
+           "--train.batch_size=8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads((out / "results.json").read_text())
+    assert (r["engine"], r["world_size"], r["zero_stage"]) == ("deepspeed", 2, 1)
+    assert r["rank_weight_digests"][0] == r["rank_weight_digests"][1]
