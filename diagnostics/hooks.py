@@ -43,11 +43,11 @@ class ProbeHook:
 
 
 class StreamHook:
-    def __init__(self, tracker: StreamTracker, names: list[str], every: int, writer: DiagnosticsWriter | None):
-        self.tracker, self.names, self.every, self.writer = tracker, names, every, writer
+    def __init__(self, tracker: StreamTracker, every: int, writer: DiagnosticsWriter | None):
+        self.tracker, self.every, self.writer = tracker, every, writer
 
     def on_backward(self, step, task, engine):
-        self.tracker.update(task, engine.shared_grad(self.names))
+        self.tracker.update(task, engine.shared_grad())
 
     def on_step(self, step, engine):
         if step % self.every == 0:
@@ -94,4 +94,4 @@ def make_hooks(cfg, model, tasks: dict, dist, writer, out: Path) -> list:
     group_names, ids = flat_group_ids(names, [p.numel() for _, p in names_params])
     tracker = StreamTracker(task_names, ids, len(group_names), beta=d.stream_beta, group_names=group_names,
                             seed=cfg.train.seed)
-    return [StreamHook(tracker, names, d.every, diag_writer)]
+    return [StreamHook(tracker, d.every, diag_writer)]

@@ -38,7 +38,7 @@ class ModelConfig:
 class TaskConfig:
     name: str = ""
     kind: str = ""                      # classification | pair_classification | pair_regression | contrastive
-    train: Optional[str] = None         # path under data.root, absolute path, or hf:NAME[/CONFIG]@SPLIT
+    train: Optional[str] = None         # path under data.root, absolute path, or hf:NAME[:CONFIG]@SPLIT
     dev: Optional[str] = None
     test: Optional[str] = None
     format: str = "auto"

@@ -46,19 +46,20 @@ def embed_split(model, task: TaskData, split: str, batch_size: int, device, gath
 
 @torch.no_grad()
 def predict_task(model, task: TaskData, split: str, batch_size: int, device, gather=None) -> dict:
-    emb = embed_split(model, task, split, batch_size, device, gather)
+    emb = embed_split(model, task, split, batch_size, device, gather)                   # [n_texts, N, H]
+    result = {"ids": [e.id for e in task.splits[split].examples]}
+    if task.cfg.kind == "contrastive":  # does the anchor sit closer to its positive than its negative?
+        result["pred"] = (F.cosine_similarity(emb[0], emb[1], dim=-1)
+                          > F.cosine_similarity(emb[0], emb[2], dim=-1)).numpy().astype(int)
+        return result
     head = model.heads[task.cfg.name]
     outputs = torch.cat([head(emb[:, i:i + 1024].to(device)).float().cpu()
                          for i in range(0, emb.shape[1], 1024)])
-    result = {"ids": [e.id for e in task.splits[split].examples]}
     if task.cfg.kind == "pair_regression":
         result["pred"] = outputs.numpy()
         result["cosine"] = F.cosine_similarity(emb[0], emb[1], dim=-1).numpy()
-    elif task.cfg.kind in ("classification", "pair_classification"):
+    else:
         result["pred"] = outputs.argmax(-1).numpy()
-    else:  # contrastive: does the anchor sit closer to its positive than to its hard negative?
-        result["pred"] = (F.cosine_similarity(emb[0], emb[1], dim=-1)
-                          > F.cosine_similarity(emb[0], emb[2], dim=-1)).numpy().astype(int)
     return result
 
 

@@ -2,8 +2,9 @@
 
 Each stage runs in DIR/<stage> with its own checkpoints and results.json and exports its best encoder to
 DIR/<stage>/encoder; a stage with `init_from` starts from that folder. Command-line overrides apply to
-every stage (seeds, data root), or to one stage when prefixed with its name (`--multitask.train.seed=1`). With `--resume auto`, finished stages are kept and the unfinished one
-continues from its latest checkpoint. DIR/results.json reports every stage.
+every stage (seeds, data root), or to one stage when prefixed with its name (`--multitask.train.seed=1`).
+With `--resume auto`, finished stages are kept and the unfinished one continues from its latest
+checkpoint. DIR/results.json reports every stage.
 """
 from __future__ import annotations
 

@@ -48,6 +48,26 @@ def test_results_record_engine_world_and_stage(zero_run):
     assert scalars(out, "conflict/cos/")  # diagnostics probe ran under DeepSpeed
 
 
+def test_two_rank_evaluation_equals_single_process_evaluation(zero_run):
+    import subprocess
+    import sys
+    from conftest import REPO
+    from distributed_util import env
+    _, out = zero_run
+    proc = subprocess.run([sys.executable, "-m", "mtkit.cli", "eval", str(out)], capture_output=True,
+                          text=True, cwd=REPO, env=env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = json.loads(proc.stdout[proc.stdout.index("{"):])
+    two_ranks = json.loads((out / "results.json").read_text())["dev"]  # evaluated by 2 ranks, same weights
+    assert single.keys() == two_ranks.keys()
+    for task, metrics in two_ranks.items():
+        if task == "overall":
+            assert single[task] == pytest.approx(metrics, abs=1e-6)
+            continue
+        for name, value in metrics.items():
+            assert single[task][name] == pytest.approx(value, abs=1e-6), (task, name)
+
+
 def test_both_ranks_train_the_same_task_on_disjoint_shards(zero_run):
     _, out = zero_run
     traces = [[json.loads(line) for line in (out / "trace" / f"rank{r}.jsonl").read_text().splitlines()]
@@ -162,3 +182,22 @@ def test_torchrun_launch(data, tmp_path):
     r = json.loads((out / "results.json").read_text())
     assert (r["engine"], r["world_size"], r["zero_stage"]) == ("deepspeed", 2, 1)
     assert r["rank_weight_digests"][0] == r["rank_weight_digests"][1]
+
+
+def test_stream_diagnostics_under_zero2(data, tmp_path):
+    out = tmp_path / "stream"
+    train(out, *common(*data), "--train.batch_size=8", "--diagnostics.mode=stream", "--diagnostics.every=4",
+          "--deepspeed.config=configs/deepspeed/zero2.json")
+    records = [json.loads(x) for x in (out / "diagnostics.jsonl").read_text().splitlines()]
+    assert records and all(-1 <= c <= 1 for r in records for c in r["cos"].values())
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_under_deepspeed(stage, data, tmp_path):
+    out = tmp_path / "bf16"
+    train(out, *common(*data), "--train.batch_size=8", "--train.precision=bf16",
+          f"--deepspeed.config=configs/deepspeed/zero{stage}.json")
+    r = json.loads((out / "results.json").read_text())
+    assert (r["world_size"], r["zero_stage"]) == (2, stage)
+    assert r["rank_weight_digests"][0] == r["rank_weight_digests"][1]
+    assert 0 <= r["dev"]["overall"] <= 1 and scalars(out, "conflict/cos/")

@@ -86,6 +86,15 @@ def test_probe_diagnostics_leave_training_bit_identical(tiny_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_stream_diagnostics_write_conflict_records(tiny_cfg, tmp_path):
+    out = tmp_path / "stream"
+    run(tiny_cfg(**{"diagnostics.mode": "stream", "diagnostics.every": 3}), out)
+    records = [json.loads(x) for x in (out / "diagnostics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6, 9] and all(r["mode"] == "stream" for r in records)
+    assert set(records[0]["cos"]) == {"sst__quora", "sst__sts", "quora__sts"}
+    assert scalars(out, "conflict/cos/sst__sts")
+
+
 def test_resume_continues_exactly(tiny_run, tmp_path):
     cfg, out, _ = tiny_run
     resumed = tmp_path / "resumed"

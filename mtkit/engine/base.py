@@ -44,8 +44,8 @@ class Engine:
     def load(self, path: Path) -> None:
         raise NotImplementedError
 
-    def shared_grad(self, names: list[str]) -> torch.Tensor | None:
-        """The current accumulated gradient of the named shared parameters, flattened (collective)."""
+    def shared_grad(self) -> torch.Tensor:
+        """The accumulated gradient of `module.shared_parameters()`, flattened [P] (collective)."""
         raise NotImplementedError
 
 

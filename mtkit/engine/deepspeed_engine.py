@@ -91,12 +91,11 @@ class DeepSpeedEngine(Engine):
     def lrs(self):
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
-    def shared_grad(self, names):
-        params = dict(self.module.named_parameters())
+    def shared_grad(self):
         out = []
-        for n in names:  # a collective per parameter under ZeRO: every rank runs the same sequence
-            g = safe_get_full_grad(params[n])
-            out.append((g if g is not None else torch.zeros_like(params[n])).detach().float().flatten())
+        for _, p in self.module.shared_parameters():  # a collective per parameter under ZeRO: same order
+            g = safe_get_full_grad(p)                    # on every rank
+            out.append((g if g is not None else torch.zeros_like(p)).detach().float().flatten())
         return torch.cat(out)
 
     def save(self, path: Path) -> None:

@@ -56,10 +56,9 @@ class TorchEngine(Engine):
     def lrs(self):
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
-    def shared_grad(self, names):
-        params = dict(self.module.named_parameters())
-        return torch.cat([(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n]))
-                          .detach().float().flatten() for n in names])
+    def shared_grad(self):
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
+                          for _, p in self.module.shared_parameters()])
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
