@@ -53,7 +53,8 @@ def predict_task(model, task: TaskData, split: str, batch_size: int, device, gat
                           > F.cosine_similarity(emb[0], emb[2], dim=-1)).numpy().astype(int)
         return result
     head = model.heads[task.cfg.name]
-    outputs = torch.cat([head(emb[:, i:i + 1024].to(device)).float().cpu()
+    dtype = next(head.parameters()).dtype  # bf16/fp16 under DeepSpeed's mixed precision
+    outputs = torch.cat([head(emb[:, i:i + 1024].to(device, dtype)).float().cpu()
                          for i in range(0, emb.shape[1], 1024)])
     if task.cfg.kind == "pair_regression":
         result["pred"] = outputs.numpy()
