@@ -19,7 +19,7 @@ import numpy as np
 from diagnostics.groups import flat_group_ids
 from diagnostics.probe import GradientProbe, StreamTracker
 from diagnostics.writer import DiagnosticsWriter
-from mtkit.data.dataset import batch_for
+from mtkit.data.dataset import batch_for, to_device
 
 log = logging.getLogger("mtkit.diagnostics")
 
@@ -72,8 +72,7 @@ def probe_batches(tasks: dict, size: int, seed: int, world_size: int, rank: int,
         n = len(task.splits["train"])
         chosen = np.random.default_rng([seed, i]).choice(n, size=min(size, n), replace=False)
         mine = sorted(chosen[rank * per_rank:(rank + 1) * per_rank].tolist())
-        batch = batch_for(task, "train", mine, pad_id)
-        out[name] = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+        out[name] = to_device(batch_for(task, "train", mine, pad_id), device)
     return out
 
 

@@ -45,13 +45,6 @@ class Dist:
         tdist.all_gather_object(out, obj)
         return out
 
-    def broadcast_object(self, obj):
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        tdist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def init_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from mtkit import checkpoint
 from mtkit.config import Config
-from mtkit.data.dataset import batch_for
+from mtkit.data.dataset import batch_for, to_device
 from mtkit.evaluate import evaluate
 
 
@@ -79,7 +79,7 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
             if trace is not None:
                 for task, indices in group:
                     trace.write(json.dumps({"step": step, "task": task, "indices": list(indices)}) + "\n")
-            group = [(task, _to(batch_for(tasks[task], "train", indices, pad_id), dist.device))
+            group = [(task, to_device(batch_for(tasks[task], "train", indices, pad_id), dist.device))
                      for task, indices in group]
             weights = joint.weights(group) if joint is not None else {}
             for task, batch in group:
@@ -194,7 +194,3 @@ def _evaluate_and_keep_best(cfg, out, model, tasks, dist, writer, step, best) ->
 def _open_trace(out: Path, dist):
     (out / "trace").mkdir(parents=True, exist_ok=True)
     return open(out / "trace" / f"rank{dist.rank}.jsonl", "a")
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -17,16 +17,25 @@ def initial_encoder(tiny_cfg, tmp_path):
     from mtkit.model import build_model
     cfg = tiny_cfg()
     torch.manual_seed(cfg.train.seed)
-    return {f"encoder.{k}": v for k, v in build_model(cfg).encoder.state_dict().items()}
+    return {k: v for k, v in build_model(cfg).state_dict().items() if k.startswith("encoder.")}
 
 
-def test_linear_probe_never_moves_the_encoder(tiny_cfg, tmp_path, initial_encoder):
+@pytest.fixture
+def initial_heads(tiny_cfg):
+    from mtkit.model import build_model
+    cfg = tiny_cfg()
+    torch.manual_seed(cfg.train.seed)
+    return {k: v for k, v in build_model(cfg).state_dict().items() if k.startswith("heads.")}
+
+
+def test_linear_probe_never_moves_the_encoder(tiny_cfg, tmp_path, initial_encoder, initial_heads):
     out = tmp_path / "lp"
     run(tiny_cfg(**{"train.mode": "linear_probe"}), out)
     after = encoder_state(out / "best" / "model.pt")
     assert all(torch.equal(after[k], initial_encoder[k]) for k in initial_encoder)
     heads = {k: v for k, v in torch.load(out / "best" / "model.pt").items() if k.startswith("heads.")}
-    assert heads  # the heads trained (checked against init in test_lp_ft below)
+    assert heads.keys() == initial_heads.keys()
+    assert any(not torch.equal(heads[k], initial_heads[k]) for k in heads)  # while the heads trained
 
 
 def test_lp_ft_probes_then_fine_tunes(tiny_cfg, tmp_path, initial_encoder):

@@ -149,3 +149,7 @@ def batch_for(task: TaskData, split: str, indices: list[int], pad_id: int) -> di
     if task.cfg.kind == "sentences" and split == "train":
         batch["views"] = True  # the model encodes each sentence twice (dropout views)
     return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
