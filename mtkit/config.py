@@ -48,7 +48,7 @@ class TaskConfig:
     label_range: Optional[list[float]] = None
     hub: dict[str, str] = field(default_factory=dict)  # split -> hf path used when the files are absent
     hub_columns: dict[str, str] = field(default_factory=dict)  # column map of the hub copy
-    decoder: str = "concat"             # pair tasks: concat | product | sbert | cosine
+    decoder: str = "concat"             # pair tasks: concat | product | sbert | cosine | cross
     loss: str = "auto"                  # auto | ce | mse | cosent
     head_hidden: int = 0                # 0: linear head; >0: one hidden layer of this width
     dropout: float = 0.1
@@ -60,6 +60,11 @@ class TaskConfig:
     leave_out: bool = False             # head trains, but its loss never reaches the encoder
     max_train: Optional[int] = None     # first N training examples (debugging, slices)
     max_eval: Optional[int] = None
+
+    @property
+    def joint(self) -> bool:
+        """A cross-encoder pair task: both texts are tokenized and encoded as one sequence."""
+        return self.decoder == "cross" and self.kind in ("pair_classification", "pair_regression")
 
 
 @dataclass
@@ -165,7 +170,7 @@ class PipelineConfig:
 CHOICES = {
     "model.pooling": {"cls", "pooler", "mean"},
     "task.kind": {"classification", "pair_classification", "pair_regression", "contrastive", "sentences"},
-    "task.decoder": {"concat", "product", "sbert", "cosine"},
+    "task.decoder": {"concat", "product", "sbert", "cosine", "cross"},
     "task.loss": {"auto", "ce", "mse", "cosent"},
     "data.schedule": {"round_robin", "proportional", "temperature"},
     "optim.lr_schedule": {"linear", "cosine", "constant"},

@@ -1,8 +1,9 @@
 """Dev/test evaluation: metrics (scipy), the CS224N overall score and CS224N-format prediction files.
 
-Each unique sentence of a split is embedded once (Quora and STS repeat many), in length-sorted batches,
-then the head runs on the gathered embeddings. With W ranks every rank embeds a contiguous shard of the
-sentences and the shards are gathered, so the metrics equal single-process evaluation of the same weights.
+Each unique sentence of a split (each pair, for a cross-encoder task) is embedded once (Quora and STS
+repeat many), in length-sorted batches, then the head runs on the gathered embeddings. With W ranks every
+rank embeds a contiguous shard of the sentences and the shards are gathered, so the metrics equal
+single-process evaluation of the same weights.
 """
 from __future__ import annotations
 
@@ -23,11 +24,16 @@ PRED_HEADER = {"classification": "Predicted_Sentiment", "pair_classification": "
 @torch.no_grad()
 def embed_split(model, task: TaskData, split: str, batch_size: int, device, gather=None) -> torch.Tensor:
     """Embeddings [n_texts, N, H] of every text of a split, each unique token sequence encoded once."""
-    tokens = task.splits[split].tokens
+    s = task.splits[split]
+    tokens = s.tokens
     unique: dict[tuple[int, ...], int] = {}
-    for texts in tokens:
+    segments: list[list[int]] = []  # joint pairs: the token types of each unique sequence
+    for i, texts in enumerate(tokens):
         for ids in texts:
-            unique.setdefault(tuple(ids), len(unique))
+            if tuple(ids) not in unique:
+                unique[tuple(ids)] = len(unique)
+                if s.segments is not None:
+                    segments.append(s.segments[i])
     seqs = list(unique)
     mine = shard_for_eval(len(seqs), *(gather.world_rank() if gather else (1, 0)))
     order = sorted(mine, key=lambda i: len(seqs[i]))
@@ -35,8 +41,11 @@ def embed_split(model, task: TaskData, split: str, batch_size: int, device, gath
     out = torch.zeros(len(seqs), model.encoder.hidden_size)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = collate([(list(seqs[i]),) for i in idx], [None], pad_id, torch.long)
-        emb = model.encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        batch = collate([(list(seqs[i]),) for i in idx], [None], pad_id, torch.long,
+                        [segments[i] for i in idx] if segments else None)
+        types = batch.get("token_type_ids")
+        emb = model.encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                            None if types is None else types.to(device))
         out[idx] = emb.float().cpu()
     if gather is not None:
         out = gather.sum(out)  # each row is filled on exactly one rank
@@ -58,7 +67,8 @@ def predict_task(model, task: TaskData, split: str, batch_size: int, device, gat
                          for i in range(0, emb.shape[1], 1024)])
     if task.cfg.kind == "pair_regression":
         result["pred"] = outputs.numpy()
-        result["cosine"] = F.cosine_similarity(emb[0], emb[1], dim=-1).numpy()
+        if not task.cfg.joint:  # a cross-encoder has no sentence embeddings to compare
+            result["cosine"] = F.cosine_similarity(emb[0], emb[1], dim=-1).numpy()
     else:
         result["pred"] = outputs.argmax(-1).numpy()
     return result
@@ -67,9 +77,11 @@ def predict_task(model, task: TaskData, split: str, batch_size: int, device, gat
 def metrics_for(kind: str, result: dict, labels: np.ndarray | None) -> dict[str, float]:
     pred = result["pred"]
     if kind == "pair_regression":
-        return {"pearson": _pearson(pred, labels), "spearman": _spearman(pred, labels),
-                "cosine_pearson": _pearson(result["cosine"], labels),
-                "cosine_spearman": _spearman(result["cosine"], labels)}
+        out = {"pearson": _pearson(pred, labels), "spearman": _spearman(pred, labels)}
+        if "cosine" in result:
+            out.update(cosine_pearson=_pearson(result["cosine"], labels),
+                       cosine_spearman=_spearman(result["cosine"], labels))
+        return out
     out = {"acc": float((pred == labels).mean())}
     if set(np.unique(labels)) <= {0, 1}:
         out["f1"] = _f1(pred, labels)

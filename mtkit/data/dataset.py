@@ -19,13 +19,14 @@ from mtkit.tasks import DataError, Example, get_kind, read_examples
 
 log = logging.getLogger("mtkit.data")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
 class Split:
     examples: list[Example]
-    tokens: list[tuple[list[int], ...]]   # per example, one id list per text
+    tokens: list[tuple[list[int], ...]]   # per example, one id list per text (one in all for a joint pair)
+    segments: list[list[int]] | None = None  # joint pairs: token type ids, 0 for text 1 and 1 for text 2
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -94,22 +95,30 @@ def _load_split(task: TaskConfig, split: str, src: str, fmt: str, columns: dict,
     cached = cache_dir / f"{task.name}-{split}-{key}.pt"
     if cached.exists():
         data = torch.load(cached, weights_only=False)
-        return Split([Example(*e) for e in data["examples"]], data["tokens"])
+        return Split([Example(*e) for e in data["examples"]], data["tokens"], data["segments"])
     examples = read_examples(src, kind=task.kind, fmt=fmt, columns=columns or None,
                              num_labels=task.num_labels, label_names=task.label_names,
                              label_range=tuple(task.label_range) if task.label_range else None,
                              labelled=split != "test")
     if limit is not None:
         examples = examples[:limit]
-    n_texts = len(get_kind(task.kind).roles)
-    flat = [text for ex in examples for text in ex.texts]
-    ids = tokenizer(flat, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-    tokens = [tuple(ids[i * n_texts:(i + 1) * n_texts]) for i in range(len(examples))]
+    segments = None
+    if task.joint:  # [CLS] a [SEP] b [SEP]; the longer text is truncated first
+        enc = tokenizer([ex.texts[0] for ex in examples], [ex.texts[1] for ex in examples],
+                        truncation=True, max_length=max_length, return_token_type_ids=True)
+        tokens = [(ids,) for ids in enc["input_ids"]]
+        segments = enc["token_type_ids"]
+    else:
+        n_texts = len(get_kind(task.kind).roles)
+        flat = [text for ex in examples for text in ex.texts]
+        ids = tokenizer(flat, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        tokens = [tuple(ids[i * n_texts:(i + 1) * n_texts]) for i in range(len(examples))]
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"examples": [(e.id, e.texts, e.label) for e in examples], "tokens": tokens}, tmp)
+    torch.save({"examples": [(e.id, e.texts, e.label) for e in examples], "tokens": tokens,
+                "segments": segments}, tmp)
     os.replace(tmp, cached)  # atomic, so concurrent ranks never read half a file
-    return Split(examples, tokens)
+    return Split(examples, tokens, segments)
 
 
 def _cache_key(task, split, src, fmt, columns, limit, tokenizer, max_length) -> str:
@@ -118,15 +127,18 @@ def _cache_key(task, split, src, fmt, columns, limit, tokenizer, max_length) -> 
         st = os.stat(src)
         stat = f"{os.path.abspath(src)}:{st.st_size}:{st.st_mtime_ns}"
     parts = [CACHE_VERSION, src, stat, fmt, sorted(columns.items()), limit, task.kind, task.num_labels,
-             task.label_names, task.label_range, split, tokenizer.name_or_path, len(tokenizer), max_length]
+             task.label_names, task.label_range, split, tokenizer.name_or_path, len(tokenizer), max_length,
+             task.joint]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def collate(tokens: list[tuple[list[int], ...]], labels: list, pad_id: int, label_dtype) -> dict:
+def collate(tokens: list[tuple[list[int], ...]], labels: list, pad_id: int, label_dtype,
+            segments: list[list[int]] | None = None) -> dict:
     """Pad a batch to its longest text.
 
     Texts are laid out text-major: rows [k*B, (k+1)*B) hold text k of every example, so the encoder
-    embeds all texts of a pair task in one call and the head reshapes to [n_texts, B, H].
+    embeds all texts of a pair task in one call and the head reshapes to [n_texts, B, H]. Joint pairs
+    are one text each, with their token type ids (`segments`) padded alike.
     """
     n_texts = len(tokens[0])
     flat = [ex[k] for k in range(n_texts) for ex in tokens]
@@ -137,6 +149,11 @@ def collate(tokens: list[tuple[list[int], ...]], labels: list, pad_id: int, labe
         input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         mask[i, :len(ids)] = 1
     batch = {"input_ids": input_ids, "attention_mask": mask, "n_texts": n_texts}
+    if segments is not None:
+        types = torch.zeros_like(input_ids)
+        for i, seg in enumerate(segments):
+            types[i, :len(seg)] = torch.tensor(seg, dtype=torch.long)
+        batch["token_type_ids"] = types
     if labels and labels[0] is not None:
         batch["labels"] = torch.tensor(labels, dtype=label_dtype)
     return batch
@@ -145,7 +162,9 @@ def collate(tokens: list[tuple[list[int], ...]], labels: list, pad_id: int, labe
 def batch_for(task: TaskData, split: str, indices: list[int], pad_id: int) -> dict:
     s = task.splits[split]
     dtype = torch.float32 if get_kind(task.cfg.kind).label == "float" else torch.long
-    batch = collate([s.tokens[i] for i in indices], [s.examples[i].label for i in indices], pad_id, dtype)
+    segments = [s.segments[i] for i in indices] if s.segments is not None else None
+    batch = collate([s.tokens[i] for i in indices], [s.examples[i].label for i in indices], pad_id, dtype,
+                    segments)
     if task.cfg.kind == "sentences" and split == "train":
         batch["views"] = True  # the model encodes each sentence twice (dropout views)
     return batch

@@ -49,9 +49,10 @@ class Encoder(nn.Module):
         self.pooling = cfg.pooling
         self.hidden_size = hf_config.hidden_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # input_ids, attention_mask [N, L] -> [N, H]
-        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids, attention_mask, token_type_ids [N, L] -> [N, H]
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         if self.pooling == "pooler":
             return out.pooler_output
         states = out.last_hidden_state                                      # [N, L, H]

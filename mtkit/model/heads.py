@@ -8,7 +8,8 @@ from torch import nn
 from mtkit.config import TaskConfig
 
 
-# Decoders: (u [B, H], v [B, H]) -> features [B, D]; `dim(H)` gives D.
+# Decoders: (u [B, H], v [B, H]) -> features [B, D]; `dim(H)` gives D. The joint decoder `cross` instead
+# reads one embedding [B, H] of both texts encoded together ([CLS] a [SEP] b [SEP]); see TaskConfig.joint.
 class Decoder:
     def dim(self, hidden: int) -> int:
         raise NotImplementedError
@@ -53,7 +54,21 @@ class Cosine(Decoder):
         return F.cosine_similarity(u, v, dim=-1).unsqueeze(-1)
 
 
-DECODERS: dict[str, type[Decoder]] = {"concat": Concat, "product": Product, "sbert": SBert, "cosine": Cosine}
+class Cross(Decoder):
+    """Cross-encoder: the encoder attends across both texts, so word-level matches ("IQ" vs "IQ?") are
+    seen directly instead of through two pooled vectors. Costs one encoding per pair, and the
+    embeddings of single sentences are no longer what the head reads."""
+
+    def dim(self, hidden):
+        return hidden
+
+    def __call__(self, uv, v=None):
+        return uv
+
+
+DECODERS: dict[str, type[Decoder]] = {"concat": Concat, "product": Product, "sbert": SBert, "cosine": Cosine,
+                                      "cross": Cross}
+
 
 
 class Head(nn.Module):
@@ -105,7 +120,7 @@ class PairHead(Head):
                     self.out.bias.copy_(torch.tensor([5.0, -5.0]))
 
     def features(self, emb):
-        return self.decoder(emb[0], emb[1])
+        return self.decoder(*emb)  # emb [2, B, H], or [1, B, H] for a joint decoder
 
 
 class EmbeddingHead(nn.Module):

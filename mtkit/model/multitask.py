@@ -69,17 +69,20 @@ class MultiTaskModel(nn.Module):
             batch = {"input_ids": ids, "attention_mask": mask, "n_texts": 2}
         grad = torch.is_grad_enabled() and not self.encoder_frozen
         with torch.set_grad_enabled(grad):
-            emb = self._encode(batch["input_ids"], batch["attention_mask"], chunked=grad)
+            emb = self._encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                               chunked=grad)
         return emb.view(batch["n_texts"], -1, emb.shape[-1])
 
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor, chunked: bool) -> torch.Tensor:
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None,
+                chunked: bool) -> torch.Tensor:
         """Gradient caching (Gao et al. 2021) as activation recomputation: each chunk keeps only its
         inputs and RNG state in forward, and is re-encoded (same dropout masks) when backward reaches
         it, so activation memory is one chunk's while the loss still sees every embedding at once."""
         c = self.embed_chunk
         if not chunked or not c or ids.shape[0] <= c:
-            return self.encoder(ids, mask)
-        return torch.cat([checkpoint(self.encoder, ids[i:i + c], mask[i:i + c], use_reentrant=False)
+            return self.encoder(ids, mask, types)
+        return torch.cat([checkpoint(self.encoder, ids[i:i + c], mask[i:i + c],
+                                     None if types is None else types[i:i + c], use_reentrant=False)
                           for i in range(0, ids.shape[0], c)])
 
     def predict(self, task: str, emb: torch.Tensor) -> torch.Tensor:
