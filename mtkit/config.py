@@ -48,7 +48,7 @@ class TaskConfig:
     label_range: Optional[list[float]] = None
     hub: dict[str, str] = field(default_factory=dict)  # split -> hf path used when the files are absent
     hub_columns: dict[str, str] = field(default_factory=dict)  # column map of the hub copy
-    decoder: str = "concat"             # pair tasks: concat | product | sbert | cosine | cross
+    decoder: str = "concat"             # pair tasks: concat | product | sbert | cosine | cross | cross_cosine
     loss: str = "auto"                  # auto | ce | mse | cosent
     head_hidden: int = 0                # 0: linear head; >0: one hidden layer of this width
     dropout: float = 0.1
@@ -59,12 +59,15 @@ class TaskConfig:
     temperature: float = 0.05           # contrastive kinds: cosine / temperature (SimCSE)
     leave_out: bool = False             # head trains, but its loss never reaches the encoder
     max_train: Optional[int] = None     # first N training examples (debugging, slices)
+    calibrate: float = 0.0              # binary tasks: hold out this share of train (seeded by train.seed)
+                                        # and set the decision threshold on it (Platt scaling) at evaluation
     max_eval: Optional[int] = None
 
     @property
     def joint(self) -> bool:
-        """A cross-encoder pair task: both texts are tokenized and encoded as one sequence."""
-        return self.decoder == "cross" and self.kind in ("pair_classification", "pair_regression")
+        """A cross-encoder pair task: both texts are also tokenized and encoded as one sequence."""
+        return self.decoder in ("cross", "cross_cosine") and self.kind in ("pair_classification",
+                                                                          "pair_regression")
 
 
 @dataclass
@@ -170,7 +173,7 @@ class PipelineConfig:
 CHOICES = {
     "model.pooling": {"cls", "pooler", "mean"},
     "task.kind": {"classification", "pair_classification", "pair_regression", "contrastive", "sentences"},
-    "task.decoder": {"concat", "product", "sbert", "cosine", "cross"},
+    "task.decoder": {"concat", "product", "sbert", "cosine", "cross", "cross_cosine"},
     "task.loss": {"auto", "ce", "mse", "cosent"},
     "data.schedule": {"round_robin", "proportional", "temperature"},
     "optim.lr_schedule": {"linear", "cosine", "constant"},
@@ -261,6 +264,13 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                                   f"choose one of {sorted(CHOICES[f'task.{key}'])}")
         if t.kind in ("classification", "pair_classification") and not (t.num_labels or t.label_names):
             raise ConfigError(f"{source}: tasks.{t.name}: a {t.kind} task needs num_labels or label_names")
+        if not 0.0 <= t.calibrate < 1.0:
+            raise ConfigError(f"{source}: tasks.{t.name}.calibrate = {t.calibrate}; use a share of the "
+                              "training set in [0, 1)")
+        if t.calibrate and not (t.kind in ("classification", "pair_classification")
+                                and (t.num_labels or len(t.label_names or [])) == 2):
+            raise ConfigError(f"{source}: tasks.{t.name}.calibrate sets a binary decision threshold; "
+                              f"{t.kind} with {t.num_labels or len(t.label_names or [])} labels has none")
         if t.label_range is not None and len(t.label_range) != 2:
             raise ConfigError(f"{source}: tasks.{t.name}.label_range must be [low, high]")
     if cfg.train.strategy != "none" and cfg.diagnostics.mode == "stream":

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
+from scipy import optimize, stats
 
 from mtkit.data.dataset import TaskData, collate
 from mtkit.data.sampler import shard_for_eval
@@ -29,11 +29,11 @@ def embed_split(model, task: TaskData, split: str, batch_size: int, device, gath
     unique: dict[tuple[int, ...], int] = {}
     segments: list[list[int]] = []  # joint pairs: the token types of each unique sequence
     for i, texts in enumerate(tokens):
-        for ids in texts:
+        for k, ids in enumerate(texts):
             if tuple(ids) not in unique:
                 unique[tuple(ids)] = len(unique)
-                if s.segments is not None:
-                    segments.append(s.segments[i])
+                if s.segments is not None:  # a joint pair is text 0; single sentences have type 0
+                    segments.append(s.segments[i] if k == 0 else [0] * len(ids))
     seqs = list(unique)
     mine = shard_for_eval(len(seqs), *(gather.world_rank() if gather else (1, 0)))
     order = sorted(mine, key=lambda i: len(seqs[i]))
@@ -67,11 +67,28 @@ def predict_task(model, task: TaskData, split: str, batch_size: int, device, gat
                          for i in range(0, emb.shape[1], 1024)])
     if task.cfg.kind == "pair_regression":
         result["pred"] = outputs.numpy()
-        if not task.cfg.joint:  # a cross-encoder has no sentence embeddings to compare
-            result["cosine"] = F.cosine_similarity(emb[0], emb[1], dim=-1).numpy()
+        if emb.shape[0] >= 2:  # the two sentence embeddings (after the joint pair, for cross_cosine)
+            result["cosine"] = F.cosine_similarity(emb[-2], emb[-1], dim=-1).numpy()
     else:
         result["pred"] = outputs.argmax(-1).numpy()
+        if outputs.shape[-1] == 2:
+            result["margin"] = (outputs[:, 1] - outputs[:, 0]).numpy()
     return result
+
+
+def fit_threshold(margin: np.ndarray, labels: np.ndarray) -> float:
+    """Platt scaling of a binary margin on held-out rows: fit p(y=1) = sigmoid(a * m + b) by maximum
+    likelihood and return the margin where it crosses 1/2, -b / a. margin, labels [N]."""
+    m, y = margin.astype(np.float64), labels.astype(np.float64)
+
+    def nll(ab):  # mean log loss and its gradient
+        z = ab[0] * m + ab[1]
+        p = 1.0 / (1.0 + np.exp(-z))
+        loss = np.mean(np.logaddexp(0.0, z) - y * z)
+        return loss, np.array([np.mean((p - y) * m), np.mean(p - y)])
+
+    a, b = optimize.minimize(nll, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B").x
+    return float(-b / a) if a > 0 else 0.0  # a <= 0: the margin carries no signal here; keep argmax
 
 
 def metrics_for(kind: str, result: dict, labels: np.ndarray | None) -> dict[str, float]:
@@ -108,11 +125,19 @@ def evaluate(model, tasks: dict[str, TaskData], split: str, batch_size: int, dev
             if split not in task.splits or kind == "sentences":  # unlabelled sentences: nothing to score
                 continue
             res = predict_task(model, task, split, batch_size, device, gather)
+            threshold = None
+            if "calib" in task.splits and "margin" in res:
+                held_out = predict_task(model, task, "calib", batch_size, device, gather)
+                threshold = fit_threshold(held_out["margin"],
+                                          np.asarray([e.label for e in task.splits["calib"].examples]))
+                res["pred"] = (res["margin"] > threshold).astype(int)
             labels = [e.label for e in task.splits[split].examples]
             if kind == "contrastive":  # a training signal of its own; not part of the CS224N score
                 results[name] = {"triplet_acc": float(res["pred"].mean())}
             elif labels and labels[0] is not None:
                 results[name] = metrics_for(kind, res, np.asarray(labels))
+                if threshold is not None:
+                    results[name]["threshold"] = threshold
                 scores.append(primary(kind, results[name]))
             if pred_dir is not None and task.cfg.kind in PRED_HEADER:
                 write_predictions(pred_dir / f"{name}-{split}-output.csv", task.cfg.kind, res)

@@ -25,14 +25,18 @@ CACHE_VERSION = 2
 @dataclass
 class Split:
     examples: list[Example]
-    tokens: list[tuple[list[int], ...]]   # per example, one id list per text (one in all for a joint pair)
-    segments: list[list[int]] | None = None  # joint pairs: token type ids, 0 for text 1 and 1 for text 2
+    tokens: list[tuple[list[int], ...]]   # per example, one id list per text; joint pairs: the pair first
+    segments: list[list[int]] | None = None  # joint pairs: the pair's token type ids (0: text 1, 1: text 2)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def lengths(self) -> list[int]:
         return [max(len(t) for t in texts) for texts in self.tokens]
+
+    def subset(self, indices: list[int]) -> "Split":
+        return Split([self.examples[i] for i in indices], [self.tokens[i] for i in indices],
+                     None if self.segments is None else [self.segments[i] for i in indices])
 
 
 @dataclass
@@ -85,8 +89,21 @@ def load_tasks(cfg: Config, tokenizer, splits=("train", "dev", "test")) -> dict[
             sources[split] = src
         if "train" in splits and "train" not in loaded:
             raise DataError(f"<config task {task.name}>", None, "a task needs a train split")
+        if task.calibrate and "train" in loaded:
+            loaded["train"], loaded["calib"] = hold_out(loaded["train"], task.calibrate, cfg.train.seed)
         out[task.name] = TaskData(task, loaded, sources)
     return out
+
+
+def hold_out(train: Split, share: float, seed: int) -> tuple[Split, Split]:
+    """(rest, held out): a seeded random `share` of the rows, never trained on; both keep file order."""
+    n = round(len(train) * share)
+    if not 0 < n < len(train):
+        raise ValueError(f"calibrate = {share} holds out {n} of {len(train)} training rows; "
+                         "both parts need at least one")
+    held = set(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].tolist())
+    return (train.subset([i for i in range(len(train)) if i not in held]),
+            train.subset(sorted(held)))
 
 
 def _load_split(task: TaskConfig, split: str, src: str, fmt: str, columns: dict, limit: int | None,
@@ -103,16 +120,17 @@ def _load_split(task: TaskConfig, split: str, src: str, fmt: str, columns: dict,
     if limit is not None:
         examples = examples[:limit]
     segments = None
-    if task.joint:  # [CLS] a [SEP] b [SEP]; the longer text is truncated first
+    n_texts = len(get_kind(task.kind).roles)
+    flat = [text for ex in examples for text in ex.texts]
+    ids = tokenizer(flat, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+    tokens = [tuple(ids[i * n_texts:(i + 1) * n_texts]) for i in range(len(examples))]
+    if task.joint:  # [CLS] a [SEP] b [SEP] first; the longer text is truncated first
         enc = tokenizer([ex.texts[0] for ex in examples], [ex.texts[1] for ex in examples],
                         truncation=True, max_length=max_length, return_token_type_ids=True)
-        tokens = [(ids,) for ids in enc["input_ids"]]
         segments = enc["token_type_ids"]
-    else:
-        n_texts = len(get_kind(task.kind).roles)
-        flat = [text for ex in examples for text in ex.texts]
-        ids = tokenizer(flat, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-        tokens = [tuple(ids[i * n_texts:(i + 1) * n_texts]) for i in range(len(examples))]
+        keep_singles = task.decoder == "cross_cosine"
+        tokens = [(joint, *single) if keep_singles else (joint,)
+                  for joint, single in zip(enc["input_ids"], tokens)]
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
     torch.save({"examples": [(e.id, e.texts, e.label) for e in examples], "tokens": tokens,
@@ -128,7 +146,7 @@ def _cache_key(task, split, src, fmt, columns, limit, tokenizer, max_length) -> 
         stat = f"{os.path.abspath(src)}:{st.st_size}:{st.st_mtime_ns}"
     parts = [CACHE_VERSION, src, stat, fmt, sorted(columns.items()), limit, task.kind, task.num_labels,
              task.label_names, task.label_range, split, tokenizer.name_or_path, len(tokenizer), max_length,
-             task.joint]
+             task.decoder if task.joint else None]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
@@ -137,8 +155,9 @@ def collate(tokens: list[tuple[list[int], ...]], labels: list, pad_id: int, labe
     """Pad a batch to its longest text.
 
     Texts are laid out text-major: rows [k*B, (k+1)*B) hold text k of every example, so the encoder
-    embeds all texts of a pair task in one call and the head reshapes to [n_texts, B, H]. Joint pairs
-    are one text each, with their token type ids (`segments`) padded alike.
+    embeds all texts of a pair task in one call and the head reshapes to [n_texts, B, H]. For joint pairs
+    text 0 is the pair as one sequence, and its token type ids (`segments`) are padded alike; every
+    other row has type 0.
     """
     n_texts = len(tokens[0])
     flat = [ex[k] for k in range(n_texts) for ex in tokens]

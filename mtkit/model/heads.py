@@ -107,20 +107,50 @@ class PairHead(Head):
         super().__init__(task, decoder.dim(hidden), out_dim)
         self.decoder = decoder
         if task.decoder == "cosine":
-            with torch.no_grad():
-                if task.kind == "pair_regression" and task.label_range:
-                    # Start at score = low + (high - low) * cos, the usual cosine-to-score map.
-                    low, high = task.label_range
-                    self.out.weight.fill_(high - low)
-                    self.out.bias.fill_(low)
-                elif out_dim == 2:
-                    # logit(1) - logit(0) = 20 * (cos - 0.5): a contrastive-style scale, so the loss
-                    # shapes the cosine geometry from the first step instead of waiting for the head.
-                    self.out.weight.copy_(torch.tensor([[-10.0], [10.0]]))
-                    self.out.bias.copy_(torch.tensor([5.0, -5.0]))
+            _init_cosine_map(self.out, task)
 
     def features(self, emb):
         return self.decoder(*emb)  # emb [2, B, H], or [1, B, H] for a joint decoder
+
+
+class CrossCosineHead(Head):
+    """Cross-encoder plus bi-encoder: logits = cross part(joint [B, H]) + cosine part(cos(u, v)).
+
+    emb [3, B, H]: the joint pair, text 1, text 2. The cosine part starts as the `cosine` decoder's map,
+    so the head starts from what a pretrained sentence encoder already knows about the pair, and the
+    cross part learns what the two pooled vectors miss. The cosine bypasses the head's dropout: dropping
+    the only similarity feature would hide the signal rather than regularize it."""
+
+    def __init__(self, task: TaskConfig, hidden: int):
+        out_dim = 1 if task.kind == "pair_regression" else _num_labels(task)
+        super().__init__(task, hidden, out_dim)
+        self.cosine = nn.Linear(1, out_dim)
+        _init_cosine_map(self.cosine, task)
+        if task.kind == "pair_regression":
+            with torch.no_grad():  # the cosine part carries the label offset alone
+                self.out.bias.zero_()
+
+    def features(self, emb):
+        return emb[0]
+
+    def forward(self, emb):
+        cos = F.cosine_similarity(emb[1], emb[2], dim=-1).unsqueeze(-1)   # [B, 1]
+        y = self.out(self.mlp(emb[0])) + self.cosine(cos)                 # [B, C]
+        return y.squeeze(-1) if self.regression else y
+
+
+def _init_cosine_map(linear: nn.Linear, task: TaskConfig) -> None:
+    with torch.no_grad():
+        if task.kind == "pair_regression" and task.label_range:
+            # Start at score = low + (high - low) * cos, the usual cosine-to-score map.
+            low, high = task.label_range
+            linear.weight.fill_(high - low)
+            linear.bias.fill_(low)
+        elif linear.out_features == 2:
+            # logit(1) - logit(0) = 20 * (cos - 0.5): a contrastive-style scale, so the loss
+            # shapes the cosine geometry from the first step instead of waiting for the head.
+            linear.weight.copy_(torch.tensor([[-10.0], [10.0]]))
+            linear.bias.copy_(torch.tensor([5.0, -5.0]))
 
 
 class EmbeddingHead(nn.Module):
@@ -143,6 +173,8 @@ HEADS: dict[str, type[nn.Module]] = {
 
 
 def make_head(task: TaskConfig, hidden: int) -> nn.Module:
+    if task.decoder == "cross_cosine" and task.kind in ("pair_classification", "pair_regression"):
+        return CrossCosineHead(task, hidden)
     return HEADS[task.kind](task, hidden)
 
 
