@@ -3,7 +3,7 @@
 All modes run in one process on the same data, interleaved (off, stream, probe, off, ...) so machine drift
 hits them alike; the report is each mode's samples/s relative to `off` (evaluation time excluded).
 
-    python bench/diagnostics_overhead.py [--steps 150] [--repeats 2] [--config configs/mtl_minilm.yaml]
+    python bench/diagnostics_overhead.py [--steps 150] [--repeats 2] [--config configs/mtl_minilm_bi.yaml]
 
 Needs the CS224N data (MTKIT_DATA or ../shared/data). Writes bench/results/diagnostics_overhead.json.
 """
@@ -31,7 +31,7 @@ MODES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/mtl_minilm.yaml")
+    parser.add_argument("--config", default="configs/mtl_minilm_bi.yaml")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="bench/results/diagnostics_overhead.json")

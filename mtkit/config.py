@@ -59,9 +59,9 @@ class TaskConfig:
     temperature: float = 0.05           # contrastive kinds: cosine / temperature (SimCSE)
     leave_out: bool = False             # head trains, but its loss never reaches the encoder
     max_train: Optional[int] = None     # first N training examples (debugging, slices)
+    max_eval: Optional[int] = None
     calibrate: float = 0.0              # binary tasks: hold out this share of train (seeded by train.seed)
                                         # and set the decision threshold on it (Platt scaling) at evaluation
-    max_eval: Optional[int] = None
 
     @property
     def joint(self) -> bool:

@@ -14,6 +14,8 @@ from test_smoke import scalars
 
 pytestmark = pytest.mark.slow
 
+# Quora as a cross-encoder in the ZeRO runs: token type ids go through the engine and the sharded evaluation.
+CROSS = "--tasks.quora.decoder=cross"
 NO_DROPOUT = ["--model.arch.hidden_dropout_prob=0", "--model.arch.attention_probs_dropout_prob=0",
               "--tasks.sst.dropout=0", "--tasks.quora.dropout=0", "--tasks.sts.dropout=0"]
 
@@ -34,9 +36,8 @@ def data(tmp_path_factory):
 def zero_run(request, data, tmp_path_factory):
     stage = request.param
     out = tmp_path_factory.mktemp(f"zero{stage}") / "run"
-    # Quora as a cross-encoder: token type ids go through the engine and the sharded evaluation.
     train(out, *common(*data), f"--deepspeed.config=configs/deepspeed/zero{stage}.json",
-          "--train.trace=true", "--train.batch_size=8", "--tasks.quora.decoder=cross")
+          "--train.trace=true", "--train.batch_size=8", CROSS)
     return stage, out
 
 
@@ -87,7 +88,7 @@ def test_resume_is_exact(zero_run, tmp_path, data):
     shutil.copytree(out / "checkpoints" / "step_18", resumed / "checkpoints" / "step_18")
     (resumed / "checkpoints" / "latest").write_text("step_18")
     train(resumed, *common(*data), f"--deepspeed.config=configs/deepspeed/zero{stage}.json",
-          "--train.batch_size=8", resume="auto")
+          "--train.batch_size=8", CROSS, resume="auto")
     full, again = scalars(out, "train/loss/"), scalars(resumed, "train/loss/")
     for tag in full:
         assert again[tag] == [(s, v) for s, v in full[tag] if s > 18], tag

@@ -10,6 +10,7 @@ from mtkit.config import TaskConfig
 
 # Decoders: (u [B, H], v [B, H]) -> features [B, D]; `dim(H)` gives D. The joint decoder `cross` instead
 # reads one embedding [B, H] of both texts encoded together ([CLS] a [SEP] b [SEP]); see TaskConfig.joint.
+# `cross_cosine` reads both kinds and has a head of its own (CrossCosineHead).
 class Decoder:
     def dim(self, hidden: int) -> int:
         raise NotImplementedError
@@ -68,7 +69,6 @@ class Cross(Decoder):
 
 DECODERS: dict[str, type[Decoder]] = {"concat": Concat, "product": Product, "sbert": SBert, "cosine": Cosine,
                                       "cross": Cross}
-
 
 
 class Head(nn.Module):
