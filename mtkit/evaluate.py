@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 
 from mtkit.data.dataset import TaskData, collate
 from mtkit.data.sampler import shard_for_eval
@@ -83,7 +83,7 @@ def fit_threshold(margin: np.ndarray, labels: np.ndarray) -> float:
 
     def nll(ab):  # mean log loss and its gradient
         z = ab[0] * m + ab[1]
-        p = 1.0 / (1.0 + np.exp(-z))
+        p = special.expit(z)  # stable for large |z|
         loss = np.mean(np.logaddexp(0.0, z) - y * z)
         return loss, np.array([np.mean((p - y) * m), np.mean(p - y)])
 

@@ -167,3 +167,20 @@ def test_calibrated_evaluation_uses_the_held_out_threshold(tiny_cfg):
 def test_calibrate_config_errors(tiny_cfg, override, problem):
     with pytest.raises(config_mod.ConfigError, match=problem):
         tiny_cfg(**override)
+
+
+def test_cli_eval_reproduces_a_calibrated_cross_cosine_run(tiny_cfg, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from conftest import REPO
+    from mtkit.run import run
+    cfg = tiny_cfg(**{"tasks.quora.decoder": "cross_cosine", "tasks.quora.calibrate": 0.25})
+    results = run(cfg, tmp_path / "run")
+    assert "threshold" in results["dev"]["quora"]
+    proc = subprocess.run([sys.executable, "-m", "mtkit.cli", "eval", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert again["quora"] == pytest.approx(results["dev"]["quora"], abs=1e-6)  # same held-out rows, same fit
+    assert again["overall"] == pytest.approx(results["dev"]["overall"], abs=1e-6)
