@@ -120,17 +120,17 @@ def _load_split(task: TaskConfig, split: str, src: str, fmt: str, columns: dict,
     if limit is not None:
         examples = examples[:limit]
     segments = None
-    n_texts = len(get_kind(task.kind).roles)
-    flat = [text for ex in examples for text in ex.texts]
-    ids = tokenizer(flat, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-    tokens = [tuple(ids[i * n_texts:(i + 1) * n_texts]) for i in range(len(examples))]
+    tokens = [()] * len(examples)
+    if not task.joint or task.decoder == "cross_cosine":  # each text on its own
+        n_texts = len(get_kind(task.kind).roles)
+        flat = [text for ex in examples for text in ex.texts]
+        ids = tokenizer(flat, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        tokens = [tuple(ids[i * n_texts:(i + 1) * n_texts]) for i in range(len(examples))]
     if task.joint:  # [CLS] a [SEP] b [SEP] first; the longer text is truncated first
         enc = tokenizer([ex.texts[0] for ex in examples], [ex.texts[1] for ex in examples],
                         truncation=True, max_length=max_length, return_token_type_ids=True)
         segments = enc["token_type_ids"]
-        keep_singles = task.decoder == "cross_cosine"
-        tokens = [(joint, *single) if keep_singles else (joint,)
-                  for joint, single in zip(enc["input_ids"], tokens)]
+        tokens = [(joint, *single) for joint, single in zip(enc["input_ids"], tokens)]
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
     torch.save({"examples": [(e.id, e.texts, e.label) for e in examples], "tokens": tokens,

@@ -63,7 +63,7 @@ class Cross(Decoder):
     def dim(self, hidden):
         return hidden
 
-    def __call__(self, uv, v=None):
+    def __call__(self, uv):
         return uv
 
 
@@ -130,9 +130,6 @@ class CrossCosineHead(Head):
             with torch.no_grad():  # the cosine part carries the label offset alone
                 self.out.bias.zero_()
 
-    def features(self, emb):
-        return emb[0]
-
     def forward(self, emb):
         cos = F.cosine_similarity(emb[1], emb[2], dim=-1).unsqueeze(-1)   # [B, 1]
         y = self.out(self.mlp(emb[0])) + self.cosine(cos)                 # [B, C]
@@ -173,7 +170,7 @@ HEADS: dict[str, type[nn.Module]] = {
 
 
 def make_head(task: TaskConfig, hidden: int) -> nn.Module:
-    if task.decoder == "cross_cosine" and task.kind in ("pair_classification", "pair_regression"):
+    if task.joint and task.decoder == "cross_cosine":
         return CrossCosineHead(task, hidden)
     return HEADS[task.kind](task, hidden)
 
