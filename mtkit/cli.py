@@ -1,9 +1,10 @@
-"""`mtkit` command line (fire): train, eval, config, diagnose.
+"""`mtkit` command line (fire): train, eval, export, config, diagnose, clean_shm.
 
     mtkit train --config configs/debug_tiny.yaml --out runs/tiny --train.seed=3 --tasks.sst.lr=1e-3
     mtkit eval RUN_DIR [--split dev]
     mtkit config configs/x.yaml [--a.b=value ...]     # print the resolved config
     mtkit diagnose RUN_DIR
+    mtkit clean_shm                                   # free DeepSpeed memory leaked by dead launches
 
 Overrides are dotted config keys. fire pre-parses values (`--x=1.10` arrives as 1.1, `--a=b,c` as a
 tuple); they are re-typed against the config dataclasses, so only string fields that look like numbers
@@ -95,6 +96,15 @@ class CLI:
         path = plot or str(Path(run_dir) / "diagnostics_cos.png")
         plot_run(run_dir, path)
         print(f"plot: {path}")
+
+    def clean_shm(self):
+        """Remove DeepSpeed CPU all-reduce workspaces in /dev/shm (RAM) that no live process maps.
+
+        mtkit releases its own at start-up; launches that died earlier, or other DeepSpeed programs, leave
+        ~70 MB per rank behind."""
+        from mtkit.distributed import remove_stale_shm_workspaces
+        removed = remove_stale_shm_workspaces()
+        print(f"removed {len(removed)} stale DeepSpeed workspace(s), {sum(n for _, n in removed) / 2**20:.0f} MiB")
 
 
 def main() -> None:

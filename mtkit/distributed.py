@@ -5,9 +5,11 @@ accepts and ignores in favour of the environment). A world of 1 initialises noth
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -60,3 +62,47 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
         tdist.init_process_group("nccl" if use_cuda else "gloo",
                                  timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(world, rank, local_rank, dev)
+
+
+# DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp) maps one ~70 MB POSIX shared-memory workspace per
+# rank when all ranks share a machine, and never unlinks it: every launch would leave its workspaces in
+# /dev/shm, which is RAM, until reboot. A few dozen runs fill a workstation.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shm_workspace(rank: int) -> Path:
+    """This launch's workspace for `rank` (named from the uid and the launcher's MASTER_ADDR/PORT)."""
+    return SHM_DIR / (f"{SHM_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                      f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_workspace(dist: Dist) -> None:
+    """Unlink this rank's workspace once every rank has mapped every workspace (all ranks are past
+    `deepspeed.initialize`, hence the barrier). The mappings stay valid; the memory goes back when the
+    processes exit, however they exit."""
+    dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        shm_workspace(dist.rank).unlink()
+
+
+def stale_shm_workspaces() -> list[Path]:
+    """This user's DeepSpeed workspaces that no live process maps: left by launches that died before
+    releasing them, or by DeepSpeed programs other than mtkit."""
+    mine = {p for p in SHM_DIR.glob(f"{SHM_PREFIX}_{os.getuid()}_*") if p.is_file()}
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):  # processes come and go; others' maps may be unreadable
+            mine -= {Path(line.split(maxsplit=5)[-1].strip()) for line in maps.read_text().splitlines()
+                     if SHM_PREFIX in line}
+    return sorted(mine)
+
+
+def remove_stale_shm_workspaces() -> list[tuple[Path, int]]:
+    """Unlink the stale workspaces; returns (path, bytes) of each one removed."""
+    removed = []
+    for p in stale_shm_workspaces():
+        with contextlib.suppress(FileNotFoundError):
+            size = p.stat().st_size
+            p.unlink()
+            removed.append((p, size))
+    return removed

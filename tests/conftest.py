@@ -17,6 +17,15 @@ WORDS = ["good", "bad", "great", "awful", "film", "movie", "plot", "actor", "fin
          "was", "is", "very", "not", "funny", "long", "short", "story"]
 
 
+def pytest_sessionstart(session):
+    # DeepSpeed workspaces leaked into /dev/shm by launches that died (here or in earlier runs) are RAM; on
+    # a machine that has collected many, the 2-rank tests thrash. Only ones no live process maps go.
+    from mtkit.distributed import remove_stale_shm_workspaces
+    removed = remove_stale_shm_workspaces()
+    if removed:
+        print(f"removed {len(removed)} stale DeepSpeed shared-memory workspace(s) from /dev/shm")
+
+
 def _sentence(rng: random.Random, n: int | None = None) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n or rng.randint(3, 12)))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import REPO
+from mtkit.distributed import SHM_DIR, SHM_PREFIX
 
 TIMEOUT_S = 300  # a hung collective fails the test instead of CI
 
@@ -48,13 +50,34 @@ def env() -> dict:
     return e
 
 
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    """`subprocess.run` in its own process group: a launch that hangs is killed with all its ranks (and
+    compilers), instead of leaving orphans that slow every later test."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                          env=env(), start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{' '.join(cmd)} hung for {TIMEOUT_S} s:\n{out[-4000:]}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def shm_workspaces(port: int) -> list[Path]:
+    return sorted(SHM_DIR.glob(f"{SHM_PREFIX}_*_{port}_*"))
+
+
 def deepspeed(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env(), timeout=TIMEOUT_S)
+    port = free_port()
+    cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
+    proc = run(cmd)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-4000:]}")
+    # mtkit's DeepSpeed engine releases the CPU all-reduce memory; a leak would fill the machine's RAM.
+    assert not shm_workspaces(port), f"DeepSpeed shared-memory workspaces left behind: {shm_workspaces(port)}"
     return proc
 
 
@@ -63,8 +86,7 @@ def train(out: Path, *overrides: str, ranks: int = 2, resume: str | None = None)
     if resume:
         args += ["--resume", resume]
     if ranks == 1:
-        cmd = [sys.executable, "launchers/train.py", *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env(), timeout=TIMEOUT_S)
+        proc = run([sys.executable, "launchers/train.py", *args])
         assert proc.returncode == 0, proc.stderr[-4000:]
         return proc
     return deepspeed("launchers/train.py", *args, ranks=ranks)

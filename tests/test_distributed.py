@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import write_toy_data
-from distributed_util import deepspeed, train
+from distributed_util import deepspeed, free_port, run, train
 from test_smoke import scalars
 
 pytestmark = pytest.mark.slow
@@ -51,13 +53,8 @@ def test_results_record_engine_world_and_stage(zero_run):
 
 
 def test_two_rank_evaluation_equals_single_process_evaluation(zero_run):
-    import subprocess
-    import sys
-    from conftest import REPO
-    from distributed_util import env
     _, out = zero_run
-    proc = subprocess.run([sys.executable, "-m", "mtkit.cli", "eval", str(out)], capture_output=True,
-                          text=True, cwd=REPO, env=env(), timeout=300)
+    proc = run([sys.executable, "-m", "mtkit.cli", "eval", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = json.loads(proc.stdout[proc.stdout.index("{"):])
     two_ranks = json.loads((out / "results.json").read_text())["dev"]  # evaluated by 2 ranks, same weights
@@ -168,18 +165,13 @@ def test_simcse_pipeline_under_deepspeed(data, tmp_path):
 
 
 def test_torchrun_launch(data, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path as P
-    from distributed_util import env, free_port
-    from conftest import REPO
     root, cache = data
     out = tmp_path / "torchrun"
-    torchrun = P(sys.executable).with_name("torchrun")
+    torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "launchers/train.py",
            "--config", "configs/debug_tiny.yaml", "--out", str(out), *common(root, cache),
            "--train.batch_size=8"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env(), timeout=300)
+    proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads((out / "results.json").read_text())
     assert (r["engine"], r["world_size"], r["zero_stage"]) == ("deepspeed", 2, 1)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mtkit.config import Config
+from mtkit.distributed import release_shm_workspace
 from mtkit.engine.base import Engine, GroupMaskedAdamW, active_groups, lr_lambdas
 
 if not torch.cuda.is_available():
@@ -62,6 +63,7 @@ class DeepSpeedEngine(Engine):
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=model.to(self.device), optimizer=self.optimizer, lr_scheduler=scheduler,
             config=self.config, dist_init_required=False)
+        release_shm_workspace(dist)
         self.module = self.ds.module
         self.zero_stage = self.ds.zero_optimization_stage()
         self.precision = cfg.train.precision
