@@ -104,7 +104,8 @@ class CLI:
         ~70 MB per rank behind."""
         from mtkit.distributed import remove_stale_shm_workspaces
         removed = remove_stale_shm_workspaces()
-        print(f"removed {len(removed)} stale DeepSpeed workspace(s), {sum(n for _, n in removed) / 2**20:.0f} MiB")
+        mib = sum(size for _, size in removed) / 2 ** 20
+        print(f"removed {len(removed)} stale DeepSpeed workspace(s), {mib:.0f} MiB")
 
 
 def main() -> None:
