@@ -90,6 +90,8 @@ def stale_shm_workspaces() -> list[Path]:
     """This user's DeepSpeed workspaces that no live process maps: left by launches that died before
     releasing them, or by DeepSpeed programs other than mtkit."""
     mine = {p for p in SHM_DIR.glob(f"{SHM_PREFIX}_{os.getuid()}_*") if p.is_file()}
+    if not mine:  # the usual case: no need to read every process's maps
+        return []
     for maps in Path("/proc").glob("[0-9]*/maps"):
         with contextlib.suppress(OSError):  # processes come and go; others' maps may be unreadable
             mine -= {Path(line.split(maxsplit=5)[-1].strip()) for line in maps.read_text().splitlines()
