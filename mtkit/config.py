@@ -93,6 +93,17 @@ class OptimConfig:
 
 
 @dataclass
+class GradVacConfig:
+    beta: float = 0.01                  # EMA rate of the target cosines (Wang et al. 2021), in (0, 1]
+
+
+@dataclass
+class CAGradConfig:
+    c: float = 0.5                      # radius of the ball around the mean gradient, >= 0 (Liu et al. 2021)
+    rescale: str = "1+c^2"              # 1+c^2 (reference code) | 1+c | none: the update is divided by this
+
+
+@dataclass
 class TrainConfig:
     mode: str = "finetune"              # finetune | linear_probe | lp_ft
     lp_steps: int = 0                   # lp_ft: steps of linear probing before full fine-tuning
@@ -111,6 +122,8 @@ class TrainConfig:
     save_checkpoints: bool = True
     predict: list[str] = field(default_factory=lambda: ["dev"])  # splits to write prediction files for
     strategy: str = "none"             # none (one task per step) | sum | pcgrad | gradvac | cagrad (joint)
+    gradvac: GradVacConfig = field(default_factory=GradVacConfig)  # read when strategy = gradvac
+    cagrad: CAGradConfig = field(default_factory=CAGradConfig)     # read when strategy = cagrad
     select_metric: str = "overall"      # best checkpoint by dev "overall" or "<task>.<metric>"
     export_encoder: bool = False        # also save the best encoder as an HF folder (DIR/encoder)
     trace: bool = False                 # per-rank JSONL of (step, task, example indices), for audits
@@ -182,6 +195,7 @@ CHOICES = {
     "train.engine": {"auto", "torch", "deepspeed"},
     "train.device": {"auto", "cpu", "cuda"},
     "train.strategy": {"none", "sum", "pcgrad", "gradvac", "cagrad"},
+    "train.cagrad.rescale": {"1+c^2", "1+c", "none"},
     "diagnostics.mode": {"off", "probe", "stream"},
 }
 
@@ -273,6 +287,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                               f"{t.kind} with {t.num_labels or len(t.label_names or [])} labels has none")
         if t.label_range is not None and len(t.label_range) != 2:
             raise ConfigError(f"{source}: tasks.{t.name}.label_range must be [low, high]")
+    check("train.cagrad.rescale", cfg.train.cagrad.rescale)
+    if cfg.train.cagrad.c < 0:
+        raise ConfigError(f"{source}: train.cagrad.c = {cfg.train.cagrad.c}; must be >= 0")
+    if not 0.0 < cfg.train.gradvac.beta <= 1.0:
+        raise ConfigError(f"{source}: train.gradvac.beta = {cfg.train.gradvac.beta}; must be in (0, 1]")
     if cfg.train.strategy != "none" and cfg.diagnostics.mode == "stream":
         raise ConfigError(f"{source}: diagnostics.mode = stream reads one task's gradient per step; "
                           "joint strategies put every task in a step (use probe)")

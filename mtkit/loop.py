@@ -49,11 +49,12 @@ def endless(sampler):
 
 def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hooks=(), writer=None,
           resume: Path | None = None, joint=None) -> dict:
-    """`joint` (a `JointStep`) makes every micro-step take one batch of each task and weight their
-    encoder gradients by the strategy; without it each micro-step trains one task."""
+    """`joint` (a `JointStep`) makes every optimizer step take grad_accum batches of each task and weight
+    their encoder gradients once, by the strategy; without it each micro-step trains one task."""
     steps = total_steps(cfg, sampler)
     eval_every = cfg.train.eval_every or max(1, len(sampler) // cfg.micro_batches_per_step())
-    per_micro = len(tasks) if joint is not None else 1
+    # A joint step weights the per-task gradients of the whole step, so it takes all its batches at once.
+    rounds, per_round = (1, cfg.micro_batches_per_step()) if joint is not None else (cfg.train.grad_accum, 1)
     pad_id = model.pad_id
     step, best = 0, {"overall": -math.inf, "step": None, "dev": {}}
     if resume is not None:
@@ -74,17 +75,17 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
     while step < steps:
         if cfg.train.mode == "lp_ft" and step == cfg.train.lp_steps:
             model.freeze_encoder(False)
-        for _ in range(cfg.train.grad_accum):
-            group = [next(batches) for _ in range(per_micro)]
+        for _ in range(rounds):
+            group = [next(batches) for _ in range(per_round)]
             if trace is not None:
                 for task, indices in group:
                     trace.write(json.dumps({"step": step, "task": task, "indices": list(indices)}) + "\n")
             group = [(task, to_device(batch_for(tasks[task], "train", indices, pad_id), dist.device))
                      for task, indices in group]
-            weights = joint.weights(group) if joint is not None else {}
-            for task, batch in group:
+            passes = joint.passes(group) if joint is not None else [(task, batch, None) for task, batch in group]
+            for task, batch, weight in passes:
                 with engine.autocast():
-                    loss = engine(task, batch, weights.get(task))
+                    loss = engine(task, batch, weight)
                 engine.backward(loss)
                 for h in hooks:
                     h.on_backward(step, task, engine)

@@ -103,7 +103,7 @@ def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tb"))
     hooks = _diagnostics_hooks(cfg, model, tasks, dist, writer, out)
-    joint = _joint_step(cfg, engine.module)
+    joint = _joint_step(cfg, engine)
     result = loop.train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, resume_path, joint)
 
     # Replicas must agree bit for bit after training; a digest per rank makes that checkable.
@@ -162,20 +162,26 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _joint_step(cfg: Config, model):
+def _joint_step(cfg: Config, engine):
     if cfg.train.strategy == "none":
         return None
+    import dataclasses
+
     from diagnostics.gram import global_group_grams
     from mtkit.strategies import make_strategy
     from mtkit.strategies.joint import JointStep
+    model = engine.module
     n = sum(p.numel() for _, p in model.shared_parameters())
     one_group = torch.zeros(n, dtype=torch.int32)
 
     def gram(G: torch.Tensor) -> torch.Tensor:                       # [T, P] -> [T, T]
         return global_group_grams(G, one_group.to(G.device), 1)[0]
 
-    kwargs = {"seed": cfg.train.seed} if cfg.train.strategy in ("pcgrad", "gradvac") else {}
-    return JointStep(make_strategy(cfg.train.strategy, **kwargs), model, gram)
+    name = cfg.train.strategy
+    kwargs = {"seed": cfg.train.seed} if name in ("pcgrad", "gradvac") else {}
+    if name in ("gradvac", "cagrad"):
+        kwargs |= dataclasses.asdict(getattr(cfg.train, name))  # train.gradvac / train.cagrad
+    return JointStep(make_strategy(name, **kwargs), model, gram, engine.autocast)
 
 
 def git_commit() -> str | None:

@@ -113,6 +113,35 @@ def test_cosent_matches_brute_force():
     assert torch.allclose(objectives.cosent(pred, target), expected, atol=1e-5)
 
 
+def test_cosent_on_a_cosine_head_ranks_the_cosine_at_scale_20():
+    ts = tasks()
+    ts[2].loss = "cosent"
+    model = MultiTaskModel(tiny_encoder(), ts).eval()
+    labels = [0.0, 1.0, 1.0, 3.0, 2.5, 5.0]
+    b = batch(2, b=6, labels=labels)
+    emb = model.embed(b)
+    cos = model.heads["sts"].decoder(emb[0], emb[1])[:, 0]                 # the decoder's cosine [B]
+    # Su (2022): log(1 + sum over pairs with s_i > s_j of exp(20 (cos_j - cos_i))), written out.
+    terms = [20 * (cos[j] - cos[i]) for i in range(6) for j in range(6) if labels[i] > labels[j]]
+    expected = torch.log(1 + torch.exp(torch.stack(terms)).sum())
+    loss = model("sts", b)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    # The head's score 5 cos would be CoSENT at scale 100: a different loss.
+    assert not torch.allclose(objectives.cosent(model.predict("sts", emb), b["labels"]), expected, atol=1e-2)
+    loss.backward()  # the head's scale and shift do not enter the loss; the encoder learns
+    assert all(p.grad is None for _, p in model.head_parameters("sts"))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in model.shared_parameters())
+
+
+def test_cosent_on_other_decoders_ranks_the_head_score():
+    ts = tasks()
+    ts[2].loss, ts[2].decoder = "cosent", "sbert"
+    model = MultiTaskModel(tiny_encoder(), ts).eval()
+    b = batch(2, b=6, labels=[0.0, 1.0, 1.0, 3.0, 2.5, 5.0])
+    score = model.predict("sts", model.embed(b))
+    assert torch.allclose(model("sts", b), objectives.cosent(score, b["labels"]))
+
+
 def test_info_nce_matches_brute_force():
     torch.manual_seed(0)
     a, p, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)

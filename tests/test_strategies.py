@@ -173,7 +173,7 @@ def test_cagrad_weights_equal_vector_cagrad():
         x_expected, d = vector_cagrad(G, c)
         np.testing.assert_allclose(cagrad_simplex_weights(K, c).numpy(), x_expected, atol=1e-4)
         combined = CAGrad(c=c).weights(K) @ G
-        expected = torch.from_numpy(4 * d / (1 + c))
+        expected = torch.from_numpy(4 * d / (1 + c * c))  # the reference code's default rescaling
         assert float((combined - expected).norm() / expected.norm()) < 1e-4
 
 
@@ -193,10 +193,11 @@ def test_cagrad_scaling_options():
     K = G @ G.T
     assert CAGrad(c=0.0).weights(K).tolist() == pytest.approx([1.0, 1.0, 1.0])
     none = CAGrad(c=0.5, rescale="none").weights(K)
-    torch.testing.assert_close(CAGrad(c=0.5).weights(K), none / 1.5)
-    torch.testing.assert_close(CAGrad(c=0.5, rescale="1+c^2").weights(K), none / 1.25)
-    # With the default rescaling the update is never longer than the plain sum.
-    assert float(CAGrad(c=0.5).weights(K) @ K @ CAGrad(c=0.5).weights(K)) <= float(K.sum()) + 1e-9
+    torch.testing.assert_close(CAGrad(c=0.5).weights(K), none / 1.25)  # default: 1 + c², as the reference
+    torch.testing.assert_close(CAGrad(c=0.5, rescale="1+c").weights(K), none / 1.5)
+    # Divided by 1 + c, the update is never longer than the plain sum.
+    w = CAGrad(c=0.5, rescale="1+c").weights(K)
+    assert float(w @ K @ w) <= float(K.sum()) + 1e-9
     with pytest.raises(ValueError):
         CAGrad(rescale="2")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -86,9 +87,22 @@ class MultiTaskModel(nn.Module):
                           for i in range(0, ids.shape[0], c)])
 
     def predict(self, task: str, emb: torch.Tensor) -> torch.Tensor:
-        if self.tasks[task].leave_out:
-            emb = emb.detach()  # the head still learns; the encoder never sees this task's loss
+        """The head's output: logits [B, C] or scores [B]."""
         return self.heads[task](emb)
+
+    def loss_input(self, task: str, emb: torch.Tensor) -> torch.Tensor:
+        """What the task's loss reads: the head's output, except that CoSENT on a `cosine` head ranks
+        cos(u, v) itself [B], as published (Su 2022, scale 20 on the cosine). Through the head's
+        a * cos + b the scale would be 20 * a (100 at the start on STS) and trained along with a.
+        The head's score still serves prediction; under CoSENT its a and b keep their initial values."""
+        cfg = self.tasks[task]
+        if cfg.decoder == "cosine" and cfg.kind.startswith("pair_") and self.loss_name(task) == "cosent":
+            return F.cosine_similarity(emb[0], emb[1], dim=-1)
+        return self.predict(task, emb)
+
+    def loss_name(self, task: str) -> str:
+        cfg = self.tasks[task]
+        return objectives.DEFAULT_LOSS[cfg.kind] if cfg.loss == "auto" else cfg.loss
 
     def loss(self, task: str, output: torch.Tensor, batch: dict) -> torch.Tensor:
         cfg = self.tasks[task]
@@ -96,8 +110,7 @@ class MultiTaskModel(nn.Module):
             # output [2 or 3, B, H]; every rank's candidates are negatives for every anchor
             negative = output[2] if output.shape[0] > 2 else None
             return cfg.weight * distributed_info_nce(output[0], output[1], negative, cfg.temperature)
-        name = objectives.DEFAULT_LOSS[cfg.kind] if cfg.loss == "auto" else cfg.loss
-        return cfg.weight * objectives.LOSSES[name](output, batch["labels"])
+        return cfg.weight * objectives.LOSSES[self.loss_name(task)](output, batch["labels"])
 
     def forward(self, task: str, batch: dict, weight: float | None = None) -> torch.Tensor:
         emb = self.embed(batch)
@@ -105,7 +118,9 @@ class MultiTaskModel(nn.Module):
             # Joint strategies: the encoder must receive weight * this task's gradient while the head keeps
             # its own. Same value as emb; d(emb_w)/d(emb) = weight.
             emb = emb.detach() + weight * (emb - emb.detach())
-        return self.loss(task, self.predict(task, emb), batch)
+        if self.tasks[task].leave_out:
+            emb = emb.detach()  # the head still learns; the encoder never sees this task's loss
+        return self.loss(task, self.loss_input(task, emb), batch)
 
     def probe_loss(self, task: str, batch: dict) -> torch.Tensor:
         """The task's loss with the encoder in the graph whatever the training mode (frozen encoder,
@@ -115,7 +130,7 @@ class MultiTaskModel(nn.Module):
             emb = self.embed(batch)
         finally:
             self.encoder_frozen = frozen
-        return self.loss(task, self.heads[task](emb), batch)
+        return self.loss(task, self.loss_input(task, emb), batch)
 
 
 def build_model(cfg: Config) -> MultiTaskModel:

@@ -56,17 +56,18 @@ def cagrad_simplex_weights(K: torch.Tensor, c: float) -> torch.Tensor:
     return torch.from_numpy(x / x.sum())
 
 
-def cagrad_weights(K: torch.Tensor, c: float = 0.5, rescale: str = "1+c") -> torch.Tensor:
+def cagrad_weights(K: torch.Tensor, c: float = 0.5, rescale: str = "1+c^2") -> torch.Tensor:
     """CAGrad task weights.  K: [T, T] -> [T].
 
     With g0 = mean task gradient and x the simplex minimiser of
     :func:`cagrad_objective`, the paper's update is
     ``d = g0 + (c ‖g0‖ / ‖g_x‖) g_x``.  The weights returned are
     ``T · (1/T + λ x) / r`` with ``λ = c ‖g0‖ / ‖g_x‖`` (0 if g_x = 0): the
-    factor T puts them on the scale of ``sum`` (c = 0 gives all ones), and
-    ``r`` is ``1 + c`` (default; then ‖Σ w_t g_t‖ ≤ ‖Σ g_t‖ since
-    ‖d‖ ≤ (1 + c)‖g0‖), ``1 + c²``, or 1 for ``"none"`` - the three
-    rescalings offered by the reference implementation.
+    factor T puts them on the scale of ``sum`` (c = 0 gives all ones).  ``r``
+    is one of the three rescalings of the reference implementation:
+    ``1 + c²`` (default: the reference code's default, used for the paper's
+    experiments, so learning rates carry over), ``1 + c`` (then
+    ‖Σ w_t g_t‖ ≤ ‖Σ g_t‖, since ‖d‖ ≤ (1 + c)‖g0‖), or 1 for ``"none"``.
     """
     if c < 0:
         raise ValueError(f"c must be >= 0, got {c}")
@@ -92,7 +93,7 @@ class CAGrad(Strategy):
 
     name = "cagrad"
 
-    def __init__(self, c: float = 0.5, rescale: str = "1+c") -> None:
+    def __init__(self, c: float = 0.5, rescale: str = "1+c^2") -> None:
         if c < 0:
             raise ValueError(f"c must be >= 0, got {c}")
         if rescale not in RESCALES:
