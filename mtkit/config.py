@@ -32,6 +32,9 @@ class ModelConfig:
     arch: dict[str, int] = field(default_factory=dict)  # BertConfig overrides, e.g. tiny test models
     embed_chunk: Optional[int] = None   # encode at most N texts at once, recomputing activations in
                                         # backward (gradient caching): big contrastive batches, small memory
+    task_layers: int = 0                # >0: the top N encoder layers are task-specific (one copy per group)
+    task_groups: dict[str, list[str]] = field(default_factory=dict)  # group -> tasks sharing one top;
+                                        # tasks not listed get a top of their own
 
 
 @dataclass
@@ -302,6 +305,16 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                               f"'<task>.<metric>' with a task in {names}")
     if cfg.train.mode == "lp_ft" and cfg.train.lp_steps <= 0:
         raise ConfigError(f"{source}: train.mode = lp_ft needs train.lp_steps > 0")
+    if cfg.model.task_layers < 0:
+        raise ConfigError(f"{source}: model.task_layers = {cfg.model.task_layers}; use 0 (all shared) or more")
+    if cfg.model.task_groups and not cfg.model.task_layers:
+        raise ConfigError(f"{source}: model.task_groups needs model.task_layers > 0 (there are no tops to share)")
+    grouped = [n for members in cfg.model.task_groups.values() for n in members]
+    for name in grouped:
+        if name not in names:
+            raise ConfigError(f"{source}: model.task_groups: no task named {name!r}; tasks: {names}")
+        if grouped.count(name) > 1:
+            raise ConfigError(f"{source}: model.task_groups: task {name!r} is in more than one group")
 
 
 class _Where:

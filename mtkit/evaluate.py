@@ -45,7 +45,7 @@ def embed_split(model, task: TaskData, split: str, batch_size: int, device, gath
                         [segments[i] for i in idx] if segments else None)
         types = batch.get("token_type_ids")
         emb = model.encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                            None if types is None else types.to(device))
+                            None if types is None else types.to(device), group=model.top_of.get(task.cfg.name))
         out[idx] = emb.float().cpu()
     if gather is not None:
         out = gather.sum(out)  # each row is filled on exactly one rank

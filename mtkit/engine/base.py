@@ -71,15 +71,19 @@ class GroupMaskedAdamW(torch.optim.AdamW):
 def active_groups(model, tasks_seen: set[str]) -> set[str]:
     """Names of the param groups that received a loss from the tasks trained since the last step."""
     names = {f"head.{t}" for t in tasks_seen}
-    if not model.encoder_frozen and any(not model.tasks[t].leave_out for t in tasks_seen):
+    reach_encoder = [t for t in tasks_seen if not model.tasks[t].leave_out]
+    if not model.encoder_frozen and reach_encoder:
         names |= {"encoder", "encoder.no_decay"}
+        for t in reach_encoder:  # a task-specific encoder top moves only on its own tasks' steps
+            if t in model.top_of:
+                names |= {f"top.{model.top_of[t]}", f"top.{model.top_of[t]}.no_decay"}
     return names
 
 
 def lr_lambdas(cfg: Config, groups: list[dict], total_steps: int) -> list[Callable[[int], float]]:
     """One multiplier per param group: warmup then linear/cosine/constant.
 
-    Under lp_ft the encoder groups stay at 0 for the probing steps, then warm up from there, so the
+    Under lp_ft the encoder groups (and task-specific tops) stay at 0 for the probing steps, then warm up from there, so the
     fine-tuning phase gets a full schedule of its own.
     """
     def schedule(start: int) -> Callable[[int], float]:
@@ -101,4 +105,4 @@ def lr_lambdas(cfg: Config, groups: list[dict], total_steps: int) -> list[Callab
         return f
 
     lp = cfg.train.lp_steps if cfg.train.mode == "lp_ft" else 0
-    return [schedule(lp if g["name"].startswith("encoder") else 0) for g in groups]
+    return [schedule(lp if g["name"].startswith(("encoder", "top.")) else 0) for g in groups]

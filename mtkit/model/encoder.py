@@ -1,6 +1,7 @@
 """Sentence encoder: any HF BERT-family model plus a pooling of its token states."""
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -25,9 +26,14 @@ def load_tokenizer(cfg: ModelConfig):
 
 class Encoder(nn.Module):
     """HF encoder + pooling. `cls`: first token state; `pooler`: CLS -> dense -> tanh (the study's
-    choice, needs pooler weights in the checkpoint to be meaningful); `mean`: masked mean of tokens."""
+    choice, needs pooler weights in the checkpoint to be meaningful); `mean`: masked mean of tokens.
 
-    def __init__(self, cfg: ModelConfig):
+    With `top_groups` (model.task_layers = N > 0) the top N transformer layers are moved out of the shared
+    trunk into one copy per group (`tops[group]`), each starting from the same pretrained weights; the
+    trunk (embeddings and the bottom layers) stays shared. `forward(..., group=g)` runs trunk then g's
+    top, so at initialisation every group's embedding equals the unsplit encoder's."""
+
+    def __init__(self, cfg: ModelConfig, top_groups: list[str] | tuple[str, ...] = ()):
         super().__init__()
         path = resolve_model_path(cfg.name_or_path)
         hf_config = AutoConfig.from_pretrained(path)
@@ -48,15 +54,55 @@ class Encoder(nn.Module):
             raise ValueError(f"pooling 'pooler': {type(self.bert).__name__} has no pooler layer")
         self.pooling = cfg.pooling
         self.hidden_size = hf_config.hidden_size
+        self.tops = nn.ModuleDict()
+        if cfg.task_layers:
+            layers = self.bert.encoder.layer
+            if not 0 < cfg.task_layers < len(layers):
+                raise ValueError(f"model.task_layers = {cfg.task_layers}: {cfg.name_or_path} has {len(layers)} "
+                                 f"layers; use 1..{len(layers) - 1} so some layers stay shared")
+            if not top_groups:
+                raise ValueError("model.task_layers needs at least one task group")
+            keep = len(layers) - cfg.task_layers
+            self.tops = nn.ModuleDict({g: copy.deepcopy(layers[keep:]) for g in top_groups})
+            self.bert.encoder.layer = layers[:keep]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        # input_ids, attention_mask, token_type_ids [N, L] -> [N, H]
+                token_type_ids: torch.Tensor | None = None, group: str | None = None,
+                trunk_grad_scale: float | None = None) -> torch.Tensor:
+        """input_ids, attention_mask, token_type_ids [N, L] -> [N, H]. `group` picks the task-specific top
+        (required when there are tops); `trunk_grad_scale` scales the gradient that reaches the shared
+        trunk (joint strategies), leaving the top's own gradient as it is."""
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        if not self.tops:
+            if self.pooling == "pooler":
+                return out.pooler_output
+            return self.pool(out.last_hidden_state, attention_mask)
+        if group not in self.tops:
+            raise KeyError(f"encoder top {group!r} unknown; groups: {list(self.tops)}")
+        states = scale_grad(out.last_hidden_state, trunk_grad_scale)       # [N, L, H]
+        # The layers want an additive mask [N, 1, 1, L] (0 to attend, dtype min to ignore); both the eager
+        # and the SDPA attention accept it, and it is what the HF model builds for padded batches.
+        additive = (1.0 - attention_mask[:, None, None, :].to(states.dtype)) * torch.finfo(states.dtype).min
+        for layer in self.tops[group]:
+            states = layer(states, attention_mask=additive)
+            states = states[0] if isinstance(states, tuple) else states
         if self.pooling == "pooler":
-            return out.pooler_output
-        states = out.last_hidden_state                                      # [N, L, H]
+            return self.bert.pooler(states)
+        return self.pool(states, attention_mask)
+
+    def shared_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("tops.")]
+
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # states [N, L, H], attention_mask [N, L] -> [N, H]
         if self.pooling == "cls":
             return states[:, 0]
         mask = attention_mask.unsqueeze(-1).to(states.dtype)                # [N, L, 1]
         return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def scale_grad(x: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Same value as x; the gradient flowing back through it is multiplied by `scale`."""
+    if scale is None:
+        return x
+    return x.detach() + scale * (x - x.detach())
