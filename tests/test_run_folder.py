@@ -290,3 +290,41 @@ def test_cli_resume_of_a_nonexistent_path_exits_2(data, tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"error: --resume {tmp_path / 'nonexistent'}: no such checkpoint folder" in proc.stderr
+
+
+# ---------------------------------------------------------------- DeepSpeed, 2 ranks
+
+def ds_model_at(run_dir: Path, step: int) -> dict:
+    path = run_dir / "checkpoints" / f"step_{step}" / "mp_rank_00_model_states.pt"
+    return torch.load(path, weights_only=False)["module"]
+
+
+@pytest.mark.slow
+def test_deepspeed_refuses_overwrites_and_resumes_once(tmp_path):
+    from distributed_util import free_port, run as launch, train
+    root, cache = write_toy_data(tmp_path / "data"), tmp_path / "cache"
+    args = [f"--data.root={root}", f"--data.cache_dir={cache}", "--train.batch_size=8", "--train.eval_every=2",
+            "--train.log_every=1", "--diagnostics.every=1"]
+    out = tmp_path / "run"
+    train(out, *args, "--train.max_steps=6")
+    before = snapshot(out)
+    launcher = Path(sys.executable).with_name("deepspeed")
+    proc = launch([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "launchers/train.py",
+                   "--config", "configs/debug_tiny.yaml", "--out", str(out), *args, "--train.max_steps=4"])
+    assert proc.returncode != 0 and f"error: {out} already holds a run" in proc.stderr
+    assert snapshot(out) == before
+    # Over a longer run (checkpoints 4 and 6) a shorter one leaves nothing of it.
+    train(out, *args, "--train.max_steps=4", "--overwrite")
+    assert checkpoint.steps(out / "checkpoints") == [2, 4]
+    assert (out / "checkpoints" / "latest").read_text() == "step_4"
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4] and len(list((out / "tb").iterdir())) == 1
+    first, final = records(out), ds_model_at(out, 4)
+    tb = logged(out)
+    # Back to step 2 and on again: the same weights, each step logged once.
+    train(out, *args, "--train.max_steps=4", resume=str(out / "checkpoints" / "step_2"))
+    assert same_weights(ds_model_at(out, 4), final)
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4]
+    for a, b in zip(records(out), first):
+        assert a["cos"] == pytest.approx(b["cos"], abs=1e-6)
+    again = logged(out)
+    assert {tag: [s for s, _ in v] for tag, v in again.items()} == {tag: [s for s, _ in v] for tag, v in tb.items()}
