@@ -46,7 +46,7 @@ def main(argv=None):
     try:
         results = run_any(args.config, args.out, overrides, args.resume, args.overwrite,
                           args.allow_config_change)
-    except (config_mod.ConfigError, DataError, RunFolderError) as e:
+    except (config_mod.ConfigError, DataError, RunFolderError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) == 0:

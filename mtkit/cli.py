@@ -47,7 +47,7 @@ class CLI:
         from mtkit.tasks import DataError
         try:
             results = run_any(config, out, _overrides(overrides), resume, overwrite, allow_config_change)
-        except (config_mod.ConfigError, DataError, RunFolderError) as e:
+        except (config_mod.ConfigError, DataError, RunFolderError, OSError) as e:
             _fail(e)
         print(json.dumps({"dev": results["dev"], "out": str(out)}, indent=2))
 

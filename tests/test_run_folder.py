@@ -131,6 +131,18 @@ def test_pipeline_stage_folders_follow_the_same_rule(data, tmp_path):
         run_pipeline(CONFIGS / "debug_tiny_simcse.yaml", out, over, resume=str(out / "multitask"))
 
 
+def test_pipeline_overwrite_starts_every_stage_over(data, tmp_path):
+    out = tmp_path / "pipe"
+    stale = out / "simcse" / "checkpoints" / "step_999"
+    stale.mkdir(parents=True)
+    (stale / "engine.pt").write_text("an older run's")
+    (out / "results.json").write_text('{"dev": "stale"}')
+    over = {"data.root": str(data[0]), "data.cache_dir": str(data[1])}
+    summary = run_pipeline(CONFIGS / "debug_tiny_simcse.yaml", out, over, overwrite=True)
+    assert not stale.exists() and checkpoint.steps(out / "simcse" / "checkpoints") == [2]
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(summary))
+
+
 # ---------------------------------------------------------------- 2. settings on resume
 
 def test_resume_refuses_changed_settings_and_lists_them(data, reference, tmp_path):
@@ -203,6 +215,22 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(data, reference,
     assert [r["step"] for r in records(out)] == [4, 8, 12, 16]
 
 
+def test_resume_auto_without_a_checkpoint(data, tmp_path):
+    """A run that died before its first checkpoint starts fresh (its debris cleared); a finished run with
+    no checkpoint is not silently trained again."""
+    out = tmp_path / "run"
+    short = {"train.max_steps": 6, "train.save_checkpoints": False}
+    run(cfg(data, **short), out)
+    with pytest.raises(RunFolderError, match="holds a finished run .* no complete checkpoint"):
+        run(cfg(data, **short), out, resume="auto")
+    (out / "results.json").unlink()
+    run(cfg(data, **short), out, resume="auto")
+    fresh = tmp_path / "fresh"
+    run(cfg(data, **short), fresh)
+    assert len(list((out / "tb").iterdir())) == 1 and logged(out) == logged(fresh)
+    assert records(out) == records(fresh)
+
+
 def test_resume_from_a_missing_or_partial_path_names_it(data, reference, tmp_path):
     missing = tmp_path / "nonexistent"
     with pytest.raises(RunFolderError, match=f"--resume {missing}: no such checkpoint folder"):
@@ -233,6 +261,14 @@ def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(data, reference
     monkeypatch.undo()
     run(cfg(data), out, resume="auto")
     assert same_weights(model_at(out, 18), model_at(reference, 18))
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (always-full device)")
+def test_full_disk_while_writing_diagnostics_names_the_file():
+    from diagnostics.writer import DiagnosticsWriter
+    writer = DiagnosticsWriter(None, "/dev/full")
+    with pytest.raises(OSError, match="cannot write diagnostics to /dev/full: No space left on device"):
+        writer.write({"step": 1, "cos": {}})
 
 
 # ---------------------------------------------------------------- 5. eval, export, diagnose
