@@ -23,7 +23,12 @@ def load_records(run_dir: str | os.PathLike[str]) -> list[dict]:
     """
     path = Path(run_dir) / JSONL_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no diagnostics file: {path}")
+        if not (Path(run_dir) / "config.json").exists():
+            raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json) and has no {JSONL_NAME}; "
+                                    "diagnose reads the diagnostics.jsonl of a run made by `mtkit train`")
+        raise FileNotFoundError(f"{path} not found: this run recorded no gradient diagnostics. Train with "
+                                "diagnostics on to get them, e.g. `mtkit train ... --diagnostics.mode=probe "
+                                "--diagnostics.every=50` (or mode stream)")
     records = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):

@@ -40,14 +40,18 @@ class DiagnosticsWriter:
     ) -> None:
         self.summary_writer = summary_writer
         self.tag_prefix = tag_prefix
+        self.path = jsonl_path
         self._jsonl = open(jsonl_path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         """Log one record (as produced by :func:`diagnostics.stats.summarize`)."""
         if self.summary_writer is not None:
             self._write_tensorboard(record)
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        except OSError as e:  # a full disk: say which file, the bare error does not
+            raise OSError(e.errno, f"cannot write diagnostics to {self.path}: {e.strerror}") from e
 
     def close(self) -> None:
         """Close the JSONL file; the summary writer belongs to the caller."""

@@ -24,6 +24,9 @@ def parse(argv):
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even with settings that differ from the checkpoint's (recorded)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args, rest = parser.parse_known_args(argv)
     overrides = {}
@@ -38,10 +41,12 @@ def parse(argv):
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    from mtkit.checkpoint import RunFolderError
     from mtkit.pipeline import run_any
     try:
-        results = run_any(args.config, args.out, overrides, args.resume)
-    except (config_mod.ConfigError, DataError) as e:
+        results = run_any(args.config, args.out, overrides, args.resume, args.overwrite,
+                          args.allow_config_change)
+    except (config_mod.ConfigError, DataError, RunFolderError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -1,7 +1,8 @@
 """`mtkit` command line (fire): train, eval, export, config, diagnose, clean_shm.
 
     mtkit train --config configs/debug_tiny.yaml --out runs/tiny --train.seed=3 --tasks.sst.lr=1e-3
-    mtkit eval RUN_DIR [--split dev]
+    mtkit train --config ... --out DIR --resume auto   # continue; --overwrite: start over
+    mtkit eval RUN_DIR [--split dev] [--checkpoint RUN_DIR/checkpoints/step_N]
     mtkit config configs/x.yaml [--a.b=value ...]     # print the resolved config
     mtkit diagnose RUN_DIR
     mtkit clean_shm                                   # free DeepSpeed memory leaked by dead launches
@@ -36,47 +37,62 @@ def _fail(e: Exception) -> None:
 class CLI:
     """Multi-task fine-tuning of sentence encoders with gradient-conflict diagnostics."""
 
-    def train(self, config: str, out: str = "runs/run", resume: str | None = None, **overrides):
-        """Train a run or a pipeline config. `--resume auto` continues from the latest checkpoint."""
+    def train(self, config: str, out: str = "runs/run", resume: str | None = None, overwrite: bool = False,
+              allow_config_change: bool = False, **overrides):
+        """Train a run or a pipeline config into OUT. An OUT that holds a run is refused: `--resume auto`
+        continues it from the latest checkpoint (refusing changed settings unless --allow-config-change),
+        `--overwrite` deletes it and starts over."""
+        from mtkit.checkpoint import RunFolderError
         from mtkit.pipeline import run_any
         from mtkit.tasks import DataError
         try:
-            results = run_any(config, out, _overrides(overrides), resume)
-        except (config_mod.ConfigError, DataError) as e:
+            results = run_any(config, out, _overrides(overrides), resume, overwrite, allow_config_change)
+        except (config_mod.ConfigError, DataError, RunFolderError, OSError) as e:
             _fail(e)
         print(json.dumps({"dev": results["dev"], "out": str(out)}, indent=2))
 
     def eval(self, run_dir: str, split: str = "dev", checkpoint: str | None = None, **overrides):
-        """Re-evaluate a run's best model (or CHECKPOINT, a model.pt) on SPLIT."""
-        import torch
+        """Re-evaluate a run's best model (or CHECKPOINT: a model.pt or a checkpoint folder) on SPLIT."""
+        from mtkit.checkpoint import RunFolderError, model_weights
         from mtkit.distributed import init_distributed
         from mtkit.evaluate import evaluate
-        from mtkit.run import build
+        from mtkit.run import best_weights, build, read_run_config
         run_dir = Path(run_dir)
-        cfg = config_mod.load(None, {**json.loads((run_dir / "config.json").read_text()),
-                                     **_overrides(overrides)})
-        dist = init_distributed(cfg.train.device)
-        _, tasks, model = build(cfg, dist)
-        weights = Path(checkpoint) if checkpoint else run_dir / "best" / "model.pt"
-        model.load_state_dict(torch.load(weights, map_location="cpu"))
+        try:
+            cfg = read_run_config(run_dir, _overrides(overrides))
+            weights = model_weights(Path(checkpoint)) if checkpoint else best_weights(run_dir)
+            dist = init_distributed(cfg.train.device)
+            _, tasks, model = build(cfg, dist)
+            have = {name: sorted(t.splits) for name, t in tasks.items()}
+            if not any(split in s for s in have.values()):
+                raise RunFolderError(f"no task has a {split!r} split; splits: "
+                                     + "; ".join(f"{n}: {', '.join(s)}" for n, s in have.items()))
+            model.load_state_dict(weights)
+        except (config_mod.ConfigError, RunFolderError) as e:
+            _fail(e)
         model.to(dist.device)
         metrics = evaluate(model, tasks, split, cfg.train.eval_batch_size, dist.device, gather=dist,
                            pred_dir=run_dir / "predictions" if dist.is_main else None)
         print(json.dumps(metrics, indent=2))
         return None
 
-    def export(self, run_dir: str, out: str | None = None):
-        """Save a run's best encoder as a Hugging Face folder (default RUN_DIR/encoder)."""
-        import torch
+    def export(self, run_dir: str, out: str | None = None, checkpoint: str | None = None):
+        """Save a run's best encoder (or CHECKPOINT's) as a Hugging Face folder (default RUN_DIR/encoder)."""
+        from mtkit.checkpoint import RunFolderError, model_weights
         from mtkit.distributed import init_distributed
         from mtkit.export import export_encoder
         from mtkit.model import build_model
         from mtkit.model.encoder import load_tokenizer
+        from mtkit.run import best_weights, read_run_config
         run_dir = Path(run_dir)
-        cfg = config_mod.load(None, json.loads((run_dir / "config.json").read_text()))
+        try:
+            cfg = read_run_config(run_dir)
+            weights = model_weights(Path(checkpoint)) if checkpoint else best_weights(run_dir)
+        except (config_mod.ConfigError, RunFolderError) as e:
+            _fail(e)
         init_distributed("cpu")
         model = build_model(cfg)
-        model.load_state_dict(torch.load(run_dir / "best" / "model.pt", map_location="cpu"))
+        model.load_state_dict(weights)
         path = export_encoder(model, load_tokenizer(cfg.model), cfg, Path(out) if out else run_dir / "encoder")
         print(path)
 
@@ -91,7 +107,12 @@ class CLI:
     def diagnose(self, run_dir: str, plot: str | None = None):
         """Summarise a run's gradient-conflict diagnostics and plot cosine over steps."""
         from diagnostics.report import format_table, plot_run, summarize_run
-        summary = summarize_run(run_dir)
+        if not Path(run_dir).is_dir():
+            _fail(FileNotFoundError(f"{run_dir}: no such run folder"))
+        try:
+            summary = summarize_run(run_dir)
+        except (OSError, ValueError) as e:
+            _fail(e)
         print(format_table(summary))
         path = plot or str(Path(run_dir) / "diagnostics_cos.png")
         plot_run(run_dir, path)

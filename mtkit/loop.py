@@ -181,8 +181,7 @@ def _evaluate_and_keep_best(cfg, out, model, tasks, dist, writer, step, best) ->
         best = {"overall": score, "step": step, "dev": metrics}
         if dist.is_main:
             (out / "best").mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), out / "best" / "model.pt.tmp")
-            (out / "best" / "model.pt.tmp").replace(out / "best" / "model.pt")
+            checkpoint.save_file(model.state_dict(), out / "best" / "model.pt")
             if staging.exists():
                 shutil.rmtree(out / "predictions", ignore_errors=True)
                 staging.replace(out / "predictions")

@@ -10,8 +10,10 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +80,13 @@ def build(cfg: Config, dist: Dist):
     return tokenizer, tasks, model
 
 
-def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
+def run(cfg: Config, out: str | Path, resume: str | None = None, overwrite: bool = False,
+        allow_config_change: bool = False) -> dict:
+    """Train into the run folder `out`. A folder that already holds a run is refused unless `resume`
+    ("auto" or a checkpoint folder) continues it or `overwrite` clears it first."""
     out = Path(out)
     dist = init_distributed(cfg.train.device)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config_mod.to_dict(cfg), indent=2))
+    start = open_run_folder(out, cfg, resume, overwrite, allow_config_change, dist)
     started = time.time()
     tokenizer, tasks, model = build(cfg, dist)
     sampler = make_sampler(cfg, tasks, dist)
@@ -92,19 +95,15 @@ def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
     engine = make_engine(name, model, cfg, steps, dist)
     seed_everything(cfg.train.seed + dist.rank)  # dropout streams differ per rank, as with W devices
 
-    resume_path = None
-    if resume:
-        resume_path = checkpoint.latest(out / "checkpoints") if resume == "auto" else Path(resume)
-        if resume == "auto" and resume_path is None:
-            log.info("resume auto: no checkpoint under %s, starting fresh", out / "checkpoints")
-
     writer = None
     if dist.is_main:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"))
+        # Events past the checkpoint, logged before a crash, are hidden: every step shows once.
+        writer = SummaryWriter(str(out / "tb"), purge_step=start.step + 1 if start.checkpoint else None)
     hooks = _diagnostics_hooks(cfg, model, tasks, dist, writer, out)
     joint = _joint_step(cfg, engine)
-    result = loop.train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, resume_path, joint)
+    result = loop.train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, start.checkpoint,
+                        joint)
 
     # Replicas must agree bit for bit after training; a digest per rank makes that checkable.
     digests = dist.all_gather_object(weights_digest(model))
@@ -112,7 +111,7 @@ def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
     exported = None
     if want_test or cfg.train.export_encoder:
         dist.barrier()  # rank 0 wrote best/model.pt
-        model.load_state_dict(torch.load(out / "best" / "model.pt", map_location=dist.device))
+        model.load_state_dict(checkpoint.model_weights(out / "best" / "model.pt"))
     if want_test:
         evaluate(model, tasks, "test", cfg.train.eval_batch_size, dist.device, gather=dist,
                  pred_dir=out / "predictions" if dist.is_main else None)
@@ -137,7 +136,10 @@ def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
         "exported_encoder": exported,
         "data_sources": {n: t.sources for n, t in tasks.items()},
         "sizes": {n: {s: len(d) for s, d in t.splits.items()} for n, t in tasks.items()},
-        "config": config_mod.to_dict(cfg),
+        # With settings changed on resume (--allow-config-change): the config the run started with, and
+        # each change with the checkpoint step it was resumed from.
+        "config": start.original if start.changes else config_mod.to_dict(cfg),
+        "config_changes": start.changes,
     }
     if dist.is_main:
         checkpoint.write_json(out / "results.json", results)
@@ -145,6 +147,196 @@ def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
             writer.close()
     dist.barrier()
     return results
+
+
+# ---------------------------------------------------------------- the run folder
+
+# What `run` writes into a run folder; `--overwrite` removes exactly these, nothing else found there.
+RUN_OUTPUTS = ("config.json", "config_changes.json", "results.json", "best", "checkpoints", "tb",
+               "diagnostics.jsonl", "diagnostics_cos.png", "predictions", "predictions.tmp", "trace", "encoder")
+
+# Settings a resume may change without breaking exactness: they only affect logging, evaluation batching,
+# outputs and observers (diagnostics leave training bit-identical). Any other change needs
+# --allow-config-change.
+HARMLESS = ("name", "data.cache_dir", "train.eval_batch_size", "train.log_every", "train.predict",
+            "train.num_threads", "train.trace", "train.export_encoder", "train.save_checkpoints",
+            "diagnostics.")
+
+
+@dataclass
+class Start:
+    """How a run begins, decided from the run folder before anything is written to it."""
+    checkpoint: Path | None = None     # resume from here
+    step: int = 0                      # its step
+    clear: bool = False                # remove an old run's outputs first
+    drop: list[Path] = field(default_factory=list)  # checkpoints past the resumed one (another timeline)
+    config: dict = field(default_factory=dict)      # the config this run trains with
+    original: dict = field(default_factory=dict)    # the config the run started with
+    changes: list[dict] = field(default_factory=list)  # settings changed on resume, allowed explicitly
+
+
+def run_outputs(out: Path) -> list[str]:
+    return [name for name in RUN_OUTPUTS if (out / name).exists()]
+
+
+def open_run_folder(out: Path, cfg: Config, resume: str | None, overwrite: bool, allow_config_change: bool,
+                    dist: Dist) -> Start:
+    """Check the folder and prepare it: rank 0 decides and changes the folder, the other ranks wait and
+    share its decision (or its error)."""
+    plan: Start | checkpoint.RunFolderError | None = None
+    if dist.is_main:
+        try:
+            plan = plan_start(out, cfg, resume, overwrite, allow_config_change)
+        except checkpoint.RunFolderError as e:
+            plan = e
+    plan = dist.all_gather_object(plan)[0]
+    if isinstance(plan, checkpoint.RunFolderError):
+        raise plan
+    if dist.is_main:
+        _prepare(out, plan)
+    dist.barrier()
+    return plan
+
+
+def plan_start(out: Path, cfg: Config, resume: str | None, overwrite: bool, allow_config_change: bool) -> Start:
+    new = config_mod.to_dict(cfg)
+    held = run_outputs(out)
+    if resume and overwrite:
+        raise checkpoint.RunFolderError("--resume and --overwrite exclude each other: continue the run in "
+                                        f"{out}, or delete it and start over")
+    if not resume:
+        if held and not overwrite:
+            raise checkpoint.RunFolderError(
+                f"{out} already holds a run ({', '.join(held)}); use --resume auto to continue it, "
+                "--overwrite to delete it and start over, or another --out")
+        return Start(clear=bool(held), config=new, original=new)
+    if resume == "auto":
+        path = checkpoint.latest(out / "checkpoints")
+        if path is None:
+            if (out / "results.json").exists():
+                raise checkpoint.RunFolderError(
+                    f"{out} holds a finished run (results.json) but no complete checkpoint under "
+                    f"{out / 'checkpoints'} to continue from; use --overwrite to start over")
+            if held:
+                log.warning("resume auto: no complete checkpoint under %s; starting fresh, the partial "
+                            "run's outputs (%s) are removed", out / "checkpoints", ", ".join(held))
+            else:
+                log.info("resume auto: no checkpoint under %s, starting fresh", out / "checkpoints")
+            return Start(clear=bool(held), config=new, original=new)
+    else:
+        path = Path(resume)
+        if not path.exists():
+            raise checkpoint.RunFolderError(f"--resume {resume}: no such checkpoint folder (use --resume auto "
+                                            "for the latest checkpoint of --out)")
+        why = checkpoint.problem(path)
+        if why:
+            raise checkpoint.RunFolderError(f"--resume {resume}: not a complete checkpoint: {why}")
+    step = checkpoint.step_of(path)
+    stored, history = _stored_config(path, out)
+    changes = config_changes(stored, new) if stored is not None else {}
+    if changes and not allow_config_change:
+        listing = "\n".join(f"  {key}: {old!r} -> {new_!r}" for key, (old, new_) in changes.items())
+        raise checkpoint.RunFolderError(
+            f"resuming {path} with settings that differ from the ones it was trained with, so the run "
+            f"would not continue exactly:\n{listing}\nresume with the original settings, start a new run "
+            "(--overwrite or another --out), or pass --allow-config-change to continue anyway (the changes "
+            "are recorded in results.json)")
+    past = [c for c in history.get("changes", []) if c["resumed_at_step"] <= step]
+    past += [{"key": k, "old": o, "new": n, "resumed_at_step": step} for k, (o, n) in changes.items()]
+    if changes:
+        log.warning("resuming %s with changed settings (allowed): %s", path, ", ".join(changes))
+    root = out / "checkpoints"
+    drop = [root / f"step_{s}" for s in checkpoint.steps(root) if s > step]
+    return Start(checkpoint=path, step=step, drop=drop, config=new,
+                 original=history.get("original") or stored or new, changes=past)
+
+
+def _stored_config(path: Path, out: Path) -> tuple[dict | None, dict]:
+    """The config a checkpoint was trained with (its copy, else the run folder's) and its change history."""
+    for folder in (path, out):
+        if (folder / "config.json").exists():
+            history = folder / "config_changes.json"
+            return (json.loads((folder / "config.json").read_text()),
+                    json.loads(history.read_text()) if history.exists() else {})
+    log.warning("no config.json in %s or %s: cannot check that the resume keeps the run's settings", path, out)
+    return None, {}
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """{dotted key: (old, new)} for the settings that differ and are not harmless. Tasks are keyed by
+    name, so reordering them is no change (a task added or removed is)."""
+    a, b = _flat(old), _flat(new)
+    return {k: (a.get(k, "<unset>"), b.get(k, "<unset>")) for k in sorted(a.keys() | b.keys())
+            if a.get(k, "<unset>") != b.get(k, "<unset>")
+            and not any(k == h or (h.endswith(".") and k.startswith(h)) for h in HARMLESS)}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if prefix == "" and k == "tasks":
+            v = {t["name"]: t for t in v}
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _prepare(out: Path, start: Start) -> None:
+    if start.clear:
+        for name in run_outputs(out):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in start.drop:
+        log.warning("removing checkpoint %s: it is past the resumed step %d (or damaged)", path, start.step)
+        shutil.rmtree(path)
+    out.mkdir(parents=True, exist_ok=True)
+    if start.checkpoint is not None:
+        # The resumed run rewrites everything after its checkpoint: drop what the old one logged there.
+        (out / "results.json").unlink(missing_ok=True)
+        if start.checkpoint.parent == out / "checkpoints":
+            checkpoint.write_json(out / "checkpoints" / "latest", start.checkpoint.name)
+        dropped = checkpoint.truncate_jsonl(out / "diagnostics.jsonl", lambda r: r["step"] <= start.step)
+        for trace in sorted((out / "trace").glob("rank*.jsonl")):  # a trace line's step is 0-based
+            dropped += checkpoint.truncate_jsonl(trace, lambda r: r["step"] < start.step)
+        if dropped:
+            log.info("dropped %d diagnostics/trace record(s) past step %d", dropped, start.step)
+    checkpoint.write_json(out / "config.json", start.config)
+    if start.changes:
+        checkpoint.write_json(out / "config_changes.json", {"original": start.original, "changes": start.changes})
+    else:
+        (out / "config_changes.json").unlink(missing_ok=True)
+
+
+def read_run_config(run_dir: Path, overrides: dict | None = None) -> Config:
+    """A finished or running run's config, for eval/export; a folder that is not a run says so."""
+    path = Path(run_dir) / "config.json"
+    if not Path(run_dir).is_dir():
+        raise checkpoint.RunFolderError(f"{run_dir}: no such run folder")
+    if not path.exists():
+        raise checkpoint.RunFolderError(
+            f"{run_dir} is not a run folder: it has no config.json. A run folder, made by "
+            "`mtkit train --out DIR`, holds config.json, best/model.pt, results.json and checkpoints/")
+    try:
+        stored = json.loads(path.read_text())
+    except ValueError as e:
+        raise checkpoint.RunFolderError(f"{path}: not valid JSON ({e})") from None
+    return config_mod.load(None, {**stored, **(overrides or {})})
+
+
+def best_weights(run_dir: Path) -> dict:
+    """best/model.pt of a run; when it is missing or damaged the message points at a checkpoint."""
+    path = Path(run_dir) / "best" / "model.pt"
+    kept = checkpoint.latest(Path(run_dir) / "checkpoints")
+    fallback = (f"the latest complete checkpoint can stand in: --checkpoint {kept}" if kept else
+                "and the run has no complete checkpoint to use instead")
+    if not path.exists():
+        raise checkpoint.RunFolderError(f"{path} is missing (it is written at the first evaluation); {fallback}")
+    try:
+        return checkpoint.model_weights(path)
+    except checkpoint.RunFolderError as e:
+        raise checkpoint.RunFolderError(f"{e}; {fallback}") from None
 
 
 def _diagnostics_hooks(cfg, model, tasks, dist, writer, out) -> list:

@@ -1,4 +1,8 @@
-"""A crash at any point of a save leaves `latest` naming a complete checkpoint."""
+"""A crash at any point of a save leaves `latest` naming a complete checkpoint; a damaged one is named
+and skipped."""
+import errno
+import json
+
 import pytest
 import torch
 
@@ -58,3 +62,58 @@ def test_rng_states_round_trip(tmp_path):
     torch.manual_seed(99)
     checkpoint.load(engine(), tmp_path / "step_1", Dist())
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_checkpoint_missing_a_file_is_skipped_with_a_warning(tmp_path, caplog):
+    e = engine()
+    root = tmp_path / "ckpt"
+    for step in (1, 2):
+        checkpoint.save(e, root, step, {"step": step}, Dist())
+    assert checkpoint.problem(root / "step_2") is None
+    (root / "step_2" / "client_rank0.pt").unlink()
+    assert checkpoint.latest(root) == root / "step_1"
+    assert f"{root / 'step_2' / 'client_rank0.pt'} is missing" in caplog.text
+    assert checkpoint.load(engine(), checkpoint.latest(root), Dist()) == {"step": 1}
+
+
+def test_latest_naming_a_missing_folder_falls_back_to_the_newest_complete(tmp_path, caplog):
+    e = engine()
+    root = tmp_path / "ckpt"
+    for step in (1, 2, 3):
+        checkpoint.save(e, root, step, {"step": step}, Dist(), keep=3)
+    (root / "latest").write_text("step_9")
+    assert checkpoint.latest(root) == root / "step_3"
+    assert "names" in caplog.text and "step_9, which does not exist" in caplog.text
+    (root / "step_3" / "engine.pt").write_bytes(b"")
+    assert checkpoint.latest(root) == root / "step_2"
+    assert "engine.pt is truncated or damaged (0 bytes" in caplog.text
+
+
+def test_a_truncated_checkpoint_loaded_by_path_names_the_file(tmp_path):
+    e = engine()
+    checkpoint.save(e, tmp_path, 1, {"step": 1}, Dist())
+    client = tmp_path / "step_1" / "client_rank0.pt"
+    client.write_bytes(client.read_bytes()[:100])
+    with pytest.raises(checkpoint.RunFolderError, match=f"{client} is unreadable \\(truncated or corrupt\\)"):
+        checkpoint.load(engine(), tmp_path / "step_1", Dist())
+
+
+def test_a_failed_weights_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    checkpoint.save_file({"w": torch.ones(2)}, path)
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(checkpoint.RunFolderError, match=f"cannot write {path}: No space left on device"):
+        checkpoint.save_file({"w": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path)["w"], torch.ones(2)) and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_truncate_jsonl_keeps_earlier_records_and_drops_a_partial_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "co')
+    assert checkpoint.truncate_jsonl(path, lambda r: r["step"] <= 2) == 2
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'

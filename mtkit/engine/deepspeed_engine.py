@@ -104,5 +104,7 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
 
     def load(self, path: Path) -> None:
-        self.ds.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                load_lr_scheduler_states=True)
+        loaded, _ = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+        if loaded is None:  # DeepSpeed only warns when the files are missing
+            raise FileNotFoundError(f"no DeepSpeed checkpoint files in {path}")
