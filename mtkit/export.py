@@ -92,8 +92,12 @@ def _clear(path: Path) -> None:
 
 def _save(bert, tokenizer, cfg: Config, path: Path, tasks: list[str], run: dict, normalize: bool,
           checkpoint: str | None, group: str | None = None) -> None:
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+    try:
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+    except ImportError as e:
+        raise ExportError(f"exporting an encoder needs sentence-transformers >= 6.2 ({e}); "
+                          "pip install 'mtkit[st]'") from None
     pooler = cfg.model.pooling == "pooler"
     hidden = bert.config.hidden_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,7 +180,9 @@ def model_card(cfg: Config, tasks: list[str], run: dict, normalize: bool = False
              'model = SentenceTransformer("PATH_OR_REPO")',
              'embeddings = model.encode(["A sentence to embed.", "Another one."])', "```", "",
              f"The transformer is also a plain Hugging Face model (`AutoModel.from_pretrained`): {HF_POOLING[cfg.model.pooling]}"
-             + (", then divide by the norm" if normalize else "") + " to get the same embeddings.", "",
+             + (", then divide by the norm" if normalize else "") + " to get the same embeddings."
+             + ("" if cfg.model.pooling == "pooler" else " The BERT pooler is not part of this model: loading "
+                "reports its weights as missing (newly initialised), which does not affect these embeddings."), "",
              "## Encoder", "", "| | |", "|---|---|",
              f"| starting weights | {start} |",
              f"| pooling | `{cfg.model.pooling}`: {POOLING_TEXT[cfg.model.pooling]} |",
