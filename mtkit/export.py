@@ -37,8 +37,8 @@ def export_encoder(model, tokenizer, cfg: Config, path: Path, run_dir: Path | No
     supplies the model card's dev metrics and conflict summary; `normalize` appends a unit-length
     normalisation; `checkpoint` names the weights when they are not the run's best."""
     path = Path(path)
+    run = _run_facts(run_dir)  # before anything is removed: a damaged results.json stops the export
     _clear(path)
-    run = _run_facts(run_dir)
     encoder = model.encoder
     if not encoder.tops:
         _save(encoder.bert, tokenizer, cfg, path, list(model.tasks), run, normalize, checkpoint)
@@ -105,7 +105,8 @@ def _save(bert, tokenizer, cfg: Config, path: Path, tasks: list[str], run: dict,
         # exactly); without our pooler the HF model must not grow a fresh random one.
         bert.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        modules = [Transformer(tmp, max_seq_length=cfg.model.max_length, model_kwargs={"add_pooling_layer": pooler}),
+        modules = [Transformer(tmp, max_seq_length=cfg.model.max_length,
+                               model_kwargs={"add_pooling_layer": pooler}),
                    Pooling(hidden, "mean" if cfg.model.pooling == "mean" else "cls")]
         if pooler:
             # Pooling has no "pooler" mode: BERT's pooler is tanh(W h_CLS + b), i.e. CLS pooling then a
@@ -179,7 +180,8 @@ def model_card(cfg: Config, tasks: list[str], run: dict, normalize: bool = False
              "```python", "from sentence_transformers import SentenceTransformer",
              'model = SentenceTransformer("PATH_OR_REPO")',
              'embeddings = model.encode(["A sentence to embed.", "Another one."])', "```", "",
-             f"The transformer is also a plain Hugging Face model (`AutoModel.from_pretrained`): {HF_POOLING[cfg.model.pooling]}"
+             "The transformer is also a plain Hugging Face model (`AutoModel.from_pretrained`): "
+             + HF_POOLING[cfg.model.pooling]
              + (", then divide by the norm" if normalize else "") + " to get the same embeddings."
              + ("" if cfg.model.pooling == "pooler" else " The BERT pooler is not part of this model: loading "
                 "reports its weights as missing (newly initialised), which does not affect these embeddings."), "",
@@ -191,7 +193,8 @@ def model_card(cfg: Config, tasks: list[str], run: dict, normalize: bool = False
     if hidden:
         lines.append(f"| embedding size | {hidden} |")
     if layers:
-        split = f" ({layers - cfg.model.task_layers} shared, {cfg.model.task_layers} of this group)" if group else ""
+        split = f" ({layers - cfg.model.task_layers} shared, {cfg.model.task_layers} of this group)" if group \
+            else ""
         lines.append(f"| layers | {layers}{split} |")
     lines += ["", "## Tasks", "", "Data files as named in the config (relative to its data root).", "",
               "| task | kind | head | train | dev | test | loss weight |", "|---|---|---|---|---|---|---|"]

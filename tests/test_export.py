@@ -153,8 +153,8 @@ class Recorder:
         from huggingface_hub import HfApi
         self.calls = []
         monkeypatch.setattr(HfApi, "create_repo", lambda api, *a, **kw: self.calls.append(("create_repo", a, kw)))
-        monkeypatch.setattr(HfApi, "upload_folder", lambda api, *a, **kw: self.calls.append(("upload_folder", a, kw))
-                            or "https://hub.example/commit/1")
+        monkeypatch.setattr(HfApi, "upload_folder", lambda api, *a, **kw:
+                            self.calls.append(("upload_folder", a, kw)) or "https://hub.example/commit/1")
 
 
 def files(folder) -> set[str]:
@@ -208,3 +208,14 @@ def test_importing_mtkit_does_not_import_sentence_transformers():
     code = ("import sys, mtkit, mtkit.run, mtkit.cli, mtkit.export; "
             "sys.exit('sentence_transformers' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_card_of_the_bundled_model_names_it_and_carries_its_caveat(tmp_path):
+    from mtkit.export import model_card
+    cfg = config_mod.load(None, {"tasks": [{"name": "sts", "kind": "pair_regression", "train": "sts/sts-train.csv",
+                                            "dev": "sts/sts-dev.csv", "label_range": [0, 5]}]})
+    card = model_card(cfg, ["sts"], {"run_dir": tmp_path})
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "trained by sentence-transformers on about 1B sentence pairs, among them Quora duplicate" in card
+    random = model_card(config_mod.load(None, {**config_mod.to_dict(cfg), "model.random_init": True}), ["sts"], {})
+    assert "base_model" not in random and "Quora duplicate" not in random
