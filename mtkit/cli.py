@@ -4,6 +4,7 @@
     mtkit train --config ... --out DIR --resume auto   # continue; --overwrite: start over
     mtkit eval RUN_DIR [--split dev] [--checkpoint RUN_DIR/checkpoints/step_N]
     mtkit config configs/x.yaml [--a.b=value ...]     # print the resolved config
+    mtkit export RUN_DIR [--out DIR] [--normalize] [--push-to-hub USER/REPO [--private]]
     mtkit diagnose RUN_DIR
     mtkit clean_shm                                   # free DeepSpeed memory leaked by dead launches
 
@@ -76,11 +77,16 @@ class CLI:
         print(json.dumps(metrics, indent=2))
         return None
 
-    def export(self, run_dir: str, out: str | None = None, checkpoint: str | None = None):
-        """Save a run's best encoder (or CHECKPOINT's) as a Hugging Face folder (default RUN_DIR/encoder)."""
+    def export(self, run_dir: str, out: str | None = None, checkpoint: str | None = None, normalize: bool = False,
+               push_to_hub: str | None = None, private: bool = False, group: str | None = None):
+        """Save a run's best encoder (or CHECKPOINT's) as a sentence-transformers folder with a model card
+        (default RUN_DIR/encoder); --normalize adds unit-length normalisation. --push-to-hub REPO uploads
+        it to the Hugging Face Hub (--private for a new private repository; --group G picks one task
+        group's encoder when the run has task-specific layers)."""
         from mtkit.checkpoint import RunFolderError, model_weights
         from mtkit.distributed import init_distributed
         from mtkit.export import export_encoder
+        from mtkit.export import push_to_hub as push
         from mtkit.model import build_model
         from mtkit.model.encoder import load_tokenizer
         from mtkit.run import best_weights, read_run_config
@@ -93,8 +99,14 @@ class CLI:
         init_distributed("cpu")
         model = build_model(cfg)
         model.load_state_dict(weights)
-        path = export_encoder(model, load_tokenizer(cfg.model), cfg, Path(out) if out else run_dir / "encoder")
-        print(path)
+        try:
+            path = export_encoder(model, load_tokenizer(cfg.model), cfg, Path(out) if out else run_dir / "encoder",
+                                  run_dir=run_dir, normalize=normalize, checkpoint=checkpoint)
+            print(path)
+            if push_to_hub:
+                print(push(path, str(push_to_hub), private=private, group=group))
+        except (ValueError, OSError) as e:  # ExportError, and the Hub's errors (bad repo id, HTTP, no token)
+            _fail(e)
 
     def config(self, path: str | None = None, **overrides):
         """Load, validate and print the resolved config."""

@@ -117,8 +117,6 @@ def run(cfg: Config, out: str | Path, resume: str | None = None, overwrite: bool
                  pred_dir=out / "predictions" if dist.is_main else None)
     if cfg.train.export_encoder:
         exported = str(out / "encoder")
-        if dist.is_main:
-            export_encoder(model, tokenizer, cfg, out / "encoder")
     results = {
         "dev": result["best"]["dev"],
         "best_step": result["best"]["step"],
@@ -143,6 +141,8 @@ def run(cfg: Config, out: str | Path, resume: str | None = None, overwrite: bool
     }
     if dist.is_main:
         checkpoint.write_json(out / "results.json", results)
+        if exported:  # after results.json: the model card reports its dev metrics
+            export_encoder(model, tokenizer, cfg, out / "encoder", run_dir=out)
         if writer is not None:
             writer.close()
     dist.barrier()
