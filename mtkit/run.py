@@ -80,7 +80,8 @@ def build(cfg: Config, dist: Dist):
 
 def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
     out = Path(out)
-    dist = init_distributed(cfg.train.device)
+    # DeepSpeed needs a process group even for one process; engine_name on one rank says if it is chosen.
+    dist = init_distributed(cfg.train.device, group=engine_name(cfg, Dist()) == "deepspeed")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config_mod.to_dict(cfg), indent=2))
