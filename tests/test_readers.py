@@ -255,7 +255,7 @@ def test_crlf_error_lines_are_physical(tmp_path):
          ("label 'high'", "'similarity'", "not a number"), {"kind": "pair_regression"}),
         ("sts.csv", "\tid\tsentence1\tsentence2\tsimilarity\n0\ts\ta\tb\tinf\n", 2,
          ("label 'inf'", "not finite"), {"kind": "pair_regression"}),
-        ("bin.csv", "id,sentence,sentiment\nx,\udcff,1\n", None, ("not UTF-8 text",), {}),
+        ("bin.csv", "id,sentence,sentiment\nx,\udcff,1\n", 2, ("not UTF-8 text", "byte(s) ff at column 3"), {}),
     ],
 )
 def test_errors(tmp_path, name, text, line, problem, kwargs):
