@@ -317,7 +317,7 @@ TASK_RANGES = {
     "temperature": _POSITIVE,
     "max_train": _COUNT,
     "max_eval": _COUNT,
-    "calibrate": _SHARE,
+    "calibrate": (_SHARE[0], "use a share of the training set in [0, 1)"),
 }
 SPLITS = ("dev", "test")  # train.predict
 
