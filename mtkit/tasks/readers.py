@@ -6,7 +6,8 @@ Formats (``fmt``):
     The CS224N minBERT files: tab-separated despite the ``.csv`` name, a header row and an
     unnamed leading index column, read by column name (so extra columns are ignored).
 ``tsv`` / ``csv``
-    Tab- / comma-separated with a header row; columns by name, default csv quoting.
+    Tab- / comma-separated with a header row; columns by name, csv quoting (strict: a malformed
+    quote is an error).
 ``jsonl``
     One JSON object per line; columns are keys.
 ``lines``
@@ -86,7 +87,9 @@ def _check_columns(path: str, line: int | None, found: Sequence[str], required: 
 
 def _read_delimited(path: str, required: Sequence[str], *, delimiter: str) -> Iterator[tuple[int, Row]]:
     with _open(path) as fp:
-        reader = csv.DictReader(fp, delimiter=delimiter, restkey=_EXTRA_FIELDS, restval=None)
+        # strict: a stray quote (`"a"b`, or one never closed, which would swallow the rows after it) is an
+        # error rather than text silently changed.
+        reader = csv.DictReader(fp, delimiter=delimiter, restkey=_EXTRA_FIELDS, restval=None, strict=True)
         try:
             header = reader.fieldnames
             if header is None:
@@ -100,8 +103,13 @@ def _read_delimited(path: str, required: Sequence[str], *, delimiter: str) -> It
                     problem = f"row has {count} fields but the header has {len(header)}"
                     raise DataError(path, reader.line_num, problem)
                 yield reader.line_num, row
-        except csv.Error as exc:
-            raise DataError(path, reader.line_num, f"malformed row: {exc}") from None
+        except csv.Error as exc:  # the inner reader's count includes the line it failed on
+            line = reader.reader.line_num
+            if str(exc) == "unexpected end of data":  # reported at the end: point at where the row began
+                start = (reader.line_num or 1) + 1
+                raise DataError(path, start, f"malformed row: a quote opened in this row is never closed "
+                                f"(the file ends at line {line} inside it)") from None
+            raise DataError(path, line, f"malformed row: {exc}") from None
 
 
 def _read_jsonl(path: str, required: Sequence[str]) -> Iterator[tuple[int, Row]]:
