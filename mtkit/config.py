@@ -6,6 +6,7 @@ built. Tasks are addressed by name in overrides (`tasks.<name>.<field>`).
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import math
@@ -237,12 +238,12 @@ def _read_yaml(path: str | os.PathLike) -> tuple[dict, dict[str, int | str]]:
         data = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError(f"{source}: cannot read config: {e.strerror}") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{source}:{line}: not UTF-8 text ({e.reason}, byte {data[e.start]:#04x}); "
-                          "save the file as UTF-8") from None
+        raise ConfigError(f"{source}:{_line_of(data[:e.start].decode('latin-1'))}: not UTF-8 text ({e.reason}, "
+                          f"byte {data[e.start]:#04x}); save the file as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
         lines = _line_numbers(yaml.compose(text))
@@ -251,8 +252,7 @@ def _read_yaml(path: str | os.PathLike) -> tuple[dict, dict[str, int | str]]:
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{source}{line}: invalid YAML: {e.problem or e.context}") from None
     except yaml.reader.ReaderError as e:  # a character YAML does not allow, located by offset
-        line = text[:e.position].count("\n") + 1
-        raise ConfigError(f"{source}:{line}: invalid YAML: {e}") from None
+        raise ConfigError(f"{source}:{_line_of(text[:e.position])}: invalid YAML: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: invalid YAML: {e}") from None
     except RecursionError:
@@ -498,6 +498,11 @@ def _validate_deepspeed(ds: DeepSpeedConfig, fail) -> None:
             fail("deepspeed.config", ds.config, f"{ds.config} asks for ZeRO stage 3, which is not supported: "
                  "diagnostics and per-head isolation need whole parameters on every rank (use 0, 1 or 2, or "
                  "set deepspeed.zero_stage)")
+
+
+def _line_of(before: str) -> int:
+    """The 1-based line that follows the text `before`, with LF, CR and CRLF each ending a line."""
+    return before.count("\n") + before.count("\r") - before.count("\r\n") + 1
 
 
 class _Where:
