@@ -268,11 +268,11 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# Ranges of numeric settings, as (test, what a valid value is). Optional fields left at None are skipped.
 def _finite(v) -> bool:
     return math.isfinite(v)
 
 
+# Ranges of numeric settings, as (test, what a valid value is). Optional fields left at None are skipped.
 _COUNT = (lambda v: v >= 1, "use an integer >= 1")
 _NONNEG = (lambda v: _finite(v) and v >= 0, "use a finite number >= 0")
 _POSITIVE = (lambda v: _finite(v) and v > 0, "use a finite number > 0")
@@ -367,13 +367,12 @@ def encoder_config(model: ModelConfig):
     try:
         from transformers import AutoConfig
         from mtkit.model.encoder import resolve_model_path
-        hf = AutoConfig.from_pretrained(resolve_model_path(model.name_or_path), local_files_only=True)
+        return AutoConfig.from_pretrained(resolve_model_path(model.name_or_path), local_files_only=True)
     except (ImportError, OSError, ValueError):  # transformers: OSError when absent, ValueError when unknown
         return None
-    return hf
 
 
-def validate(cfg: Config, source: str = "<config>", where: "_Where | None" = None) -> None:
+def validate(cfg: Config, source: str = "<config>", where: _Where | None = None) -> None:
     """Ranges, choices and relations of every setting, before anything is built. Errors name the key and
     where its value came from (file:line, or the override)."""
     where = where or _Where(source, {})
@@ -485,19 +484,16 @@ def _validate_encoder(model: ModelConfig, fail, where: _Where) -> None:
 
 
 def _validate_deepspeed(ds: DeepSpeedConfig, fail) -> None:
-    if ds.config is not None:
-        try:
-            stage_in_json = read_deepspeed_json(ds.config).get("zero_optimization", {}).get("stage")
-        except ConfigError as e:
-            problem = str(e)
-        else:
-            problem = None
-        if problem:
-            fail("deepspeed.config", ds.config, problem)
-        if ds.zero_stage is None and stage_in_json == 3:
-            fail("deepspeed.config", ds.config, f"{ds.config} asks for ZeRO stage 3, which is not supported: "
-                 "diagnostics and per-head isolation need whole parameters on every rank (use 0, 1 or 2, or "
-                 "set deepspeed.zero_stage)")
+    if ds.config is None:
+        return
+    try:
+        stage = read_deepspeed_json(ds.config).get("zero_optimization", {}).get("stage")
+    except ConfigError as e:
+        fail("deepspeed.config", ds.config, str(e))
+    if ds.zero_stage is None and stage == 3:  # deepspeed.zero_stage, when set, replaces the JSON's stage
+        fail("deepspeed.config", ds.config, f"{ds.config} asks for ZeRO stage 3, which is not supported: "
+             "diagnostics and per-head isolation need whole parameters on every rank (use 0, 1 or 2, or set "
+             "deepspeed.zero_stage)")
 
 
 def _line_of(before: str) -> int:
