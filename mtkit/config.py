@@ -6,7 +6,10 @@ built. Tasks are addressed by name in overrides (`tasks.<name>.<field>`).
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import json
+import math
 import os
 import types
 import typing
@@ -210,38 +213,29 @@ def load(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None
     raw, lines, source = {}, {}, "<defaults>"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{source}: cannot read config: {e.strerror}") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-            lines = _line_numbers(yaml.compose(text))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: invalid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: top level must be a mapping of sections")
+        raw, lines = _read_yaml(path)
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value, source)
         lines[key] = "override"
-    cfg = _build(Config, raw, "", _Where(source, lines))
-    validate(cfg, source)
+    where = _Where(source, lines)
+    cfg = _build(Config, raw, "", where)
+    validate(cfg, source, where)
     return cfg
 
 
 def is_pipeline(path: str | os.PathLike) -> bool:
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        raw, _ = _read_yaml(path)
+    except ConfigError:
         return False  # load() reports the problem
-    return isinstance(raw, dict) and "stages" in raw
+    return "stages" in raw
 
 
 def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     """A pipeline file; every stage's own config is loaded and validated too, so mistakes surface early."""
     source = str(path)
-    text = Path(path).read_text()
-    pipe = _build(PipelineConfig, yaml.safe_load(text) or {}, "", _Where(source, _line_numbers(yaml.compose(text))))
+    raw, lines = _read_yaml(path)
+    pipe = _build(PipelineConfig, raw, "", _Where(source, lines))
     names = [s.name for s in pipe.stages]
     if not names or len(set(names)) != len(names) or not all(names):
         raise ConfigError(f"{source}: stages need unique, non-empty names, got {names}")
@@ -253,68 +247,298 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     return pipe
 
 
+def _read_yaml(path: str | os.PathLike) -> tuple[dict, dict[str, int | str]]:
+    """(the top-level mapping, dotted key -> line) of a YAML file; every problem is a ConfigError naming
+    the file and, where the parser knows it, the line."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read config: {e.strerror}") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}:{_line_of(data[:e.start].decode('latin-1'))}: not UTF-8 text ({e.reason}, "
+                          f"byte {data[e.start]:#04x}); save the file as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
+        lines = _line_numbers(yaml.compose(text))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{line}: invalid YAML: {e.problem or e.context}") from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow, located by offset
+        raise ConfigError(f"{source}:{_line_of(text[:e.position])}: invalid YAML: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    if raw is None:
+        return {}, {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw, lines
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def validate(cfg: Config, source: str = "<config>") -> None:
-    def check(key: str, value: Any) -> None:
-        if value not in CHOICES[key]:
-            raise ConfigError(f"{source}: {key} = {value!r}; choose one of {sorted(CHOICES[key])}")
+def _finite(v) -> bool:
+    return math.isfinite(v)
+
+
+# Ranges of numeric settings, as (test, what a valid value is). Optional fields left at None are skipped.
+_COUNT = (lambda v: v >= 1, "use an integer >= 1")
+_NONNEG = (lambda v: _finite(v) and v >= 0, "use a finite number >= 0")
+_POSITIVE = (lambda v: _finite(v) and v > 0, "use a finite number > 0")
+_SHARE = (lambda v: _finite(v) and 0 <= v < 1, "use a number in [0, 1)")
+
+RANGES = {
+    "model.max_length": (lambda v: v >= 3, "use an integer >= 3 (room for [CLS], a token and [SEP])"),
+    "model.embed_chunk": _COUNT,
+    "data.temperature": _POSITIVE,
+    "data.steps_per_epoch": _COUNT,
+    "data.bucket": _COUNT,
+    "optim.encoder_lr": _NONNEG,
+    "optim.encoder_weight_decay": _NONNEG,
+    "optim.eps": _POSITIVE,
+    "optim.warmup_ratio": _SHARE,
+    "optim.max_grad_norm": _NONNEG,
+    "train.lp_steps": (lambda v: v >= 0, "use an integer >= 0"),
+    "train.epochs": _POSITIVE,
+    "train.max_steps": _COUNT,
+    "train.batch_size": _COUNT,
+    "train.grad_accum": _COUNT,
+    "train.eval_every": _COUNT,
+    "train.eval_batch_size": _COUNT,
+    "train.log_every": _COUNT,
+    "train.seed": (lambda v: 0 <= v < 2 ** 32 - 1024, "use an integer in [0, 2**32 - 1024) (numpy seeds, "
+                   "plus the rank)"),
+    "train.num_threads": _COUNT,
+    "diagnostics.every": _COUNT,
+    "diagnostics.probe_batch_size": _COUNT,
+    "diagnostics.stream_beta": _SHARE,
+    "deepspeed.zero_stage": (lambda v: v in (0, 1, 2), "use 0, 1 or 2 (ZeRO stage 3 is not supported: "
+                             "diagnostics and per-head isolation need whole parameters on every rank)"),
+}
+TASK_RANGES = {
+    "num_labels": (lambda v: v >= 2, "use an integer >= 2"),
+    "head_hidden": (lambda v: v >= 0, "use 0 (a linear head) or a hidden width >= 1"),
+    "dropout": _SHARE,
+    "lr": _NONNEG,
+    "weight_decay": _NONNEG,
+    "batch_size": _COUNT,
+    "weight": _NONNEG,
+    "temperature": _POSITIVE,
+    "max_train": _COUNT,
+    "max_eval": _COUNT,
+    "calibrate": (_SHARE[0], "use a share of the training set in [0, 1)"),
+}
+SPLITS = ("dev", "test")  # train.predict
+
+
+def dev_metrics(task: TaskConfig) -> list[str]:
+    """The dev metrics mtkit.evaluate reports for a task (a calibrated head's fitted threshold aside)."""
+    if task.kind == "pair_regression":  # the cosine of the two sentence embeddings, when they are encoded
+        return ["pearson", "spearman"] + ([] if task.decoder == "cross" else ["cosine_pearson", "cosine_spearman"])
+    if task.kind in ("classification", "pair_classification"):
+        return ["acc", "f1"] if _label_count(task) == 2 else ["acc"]
+    if task.kind == "contrastive":
+        return ["triplet_acc"]
+    return []  # sentences: nothing to score
+
+
+def _label_count(task: TaskConfig) -> int | None:
+    return task.num_labels or (len(task.label_names) if task.label_names else None)
+
+
+def read_deepspeed_json(path: str) -> dict:
+    """A DeepSpeed JSON config; errors name the file and, for malformed JSON, the line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read DeepSpeed config: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        ds = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config is a JSON object, got {type(ds).__name__}")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{path}: zero_optimization must be an object, got {zero!r}")
+    stage = zero.get("stage")
+    if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
+        raise ConfigError(f"{path}: zero_optimization.stage = {stage!r}; use 0, 1 or 2")
+    return ds
+
+
+def encoder_config(model: ModelConfig):
+    """The encoder's Hugging Face config with model.arch applied, from local files only (cheap and
+    offline); None when it is not on this machine yet (a hub id not downloaded, a pipeline stage's
+    encoder exported by an earlier stage): the model load reports those."""
+    try:
+        from transformers import AutoConfig
+        from mtkit.model.encoder import resolve_model_path
+        return AutoConfig.from_pretrained(resolve_model_path(model.name_or_path), local_files_only=True)
+    except (ImportError, OSError, ValueError):  # transformers: OSError when absent, ValueError when unknown
+        return None
+
+
+def validate(cfg: Config, source: str = "<config>", where: _Where | None = None) -> None:
+    """Ranges, choices and relations of every setting, before anything is built. Errors name the key and
+    where its value came from (file:line, or the override)."""
+    where = where or _Where(source, {})
+
+    def fail(key: str, value: Any, problem: str) -> None:
+        raise ConfigError(f"{where(key)}: {key} = {value!r}; {problem}")
+
+    def check(key: str, value: Any, choices) -> None:
+        if value not in choices:
+            fail(key, value, f"choose one of {sorted(choices)}")
 
     for key in ("model.pooling", "data.schedule", "optim.lr_schedule", "train.mode", "train.precision",
                 "train.engine", "train.device", "train.strategy", "diagnostics.mode"):
         section, name = key.split(".")
-        check(key, getattr(getattr(cfg, section), name))
+        check(key, getattr(getattr(cfg, section), name), CHOICES[key])
+    for key, (ok, valid) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and not ok(value):
+            fail(key, value, valid)
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(_SHARE[0](b) for b in betas):
+        fail("optim.betas", betas, "use two numbers in [0, 1), e.g. [0.9, 0.999]")
+    for split in cfg.train.predict:
+        check("train.predict", split, SPLITS)
+    if cfg.train.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            fail("train.device", "cuda", "CUDA is not available on this machine; use auto or cpu")
+
+    _validate_tasks(cfg, fail, check)
     names = [t.name for t in cfg.tasks]
-    if not cfg.tasks:
-        raise ConfigError(f"{source}: no tasks declared (tasks: [...])")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{source}: task names must be unique, got {names}")
-    for t in cfg.tasks:
-        if not t.name:
-            raise ConfigError(f"{source}: every task needs a name")
-        for key in ("kind", "decoder", "loss"):
-            value = getattr(t, key)
-            if value not in CHOICES[f"task.{key}"]:
-                raise ConfigError(f"{source}: tasks.{t.name}.{key} = {value!r}; "
-                                  f"choose one of {sorted(CHOICES[f'task.{key}'])}")
-        if t.kind in ("classification", "pair_classification") and not (t.num_labels or t.label_names):
-            raise ConfigError(f"{source}: tasks.{t.name}: a {t.kind} task needs num_labels or label_names")
-        if not 0.0 <= t.calibrate < 1.0:
-            raise ConfigError(f"{source}: tasks.{t.name}.calibrate = {t.calibrate}; use a share of the "
-                              "training set in [0, 1)")
-        if t.calibrate and not (t.kind in ("classification", "pair_classification")
-                                and (t.num_labels or len(t.label_names or [])) == 2):
-            raise ConfigError(f"{source}: tasks.{t.name}.calibrate sets a binary decision threshold; "
-                              f"{t.kind} with {t.num_labels or len(t.label_names or [])} labels has none")
-        if t.label_range is not None and len(t.label_range) != 2:
-            raise ConfigError(f"{source}: tasks.{t.name}.label_range must be [low, high]")
-    check("train.cagrad.rescale", cfg.train.cagrad.rescale)
-    if cfg.train.cagrad.c < 0:
-        raise ConfigError(f"{source}: train.cagrad.c = {cfg.train.cagrad.c}; must be >= 0")
-    if not 0.0 < cfg.train.gradvac.beta <= 1.0:
-        raise ConfigError(f"{source}: train.gradvac.beta = {cfg.train.gradvac.beta}; must be in (0, 1]")
     if cfg.train.strategy != "none" and cfg.diagnostics.mode == "stream":
-        raise ConfigError(f"{source}: diagnostics.mode = stream reads one task's gradient per step; "
-                          "joint strategies put every task in a step (use probe)")
-    if cfg.train.select_metric != "overall":
-        task, _, metric = cfg.train.select_metric.partition(".")
-        if task not in names or not metric:
-            raise ConfigError(f"{source}: train.select_metric = {cfg.train.select_metric!r}; use 'overall' or "
-                              f"'<task>.<metric>' with a task in {names}")
+        fail("diagnostics.mode", "stream", "stream reads one task's gradient per step; joint strategies "
+             "put every task in a step (use probe)")
+    if cfg.train.strategy != "none" and (cfg.data.steps_per_epoch or len(names)) < len(names):
+        fail("data.steps_per_epoch", cfg.data.steps_per_epoch,
+             f"a joint step takes one batch of each of the {len(names)} tasks; use at least {len(names)}")
+    choices = ["overall"] + [f"{t.name}.{m}" for t in cfg.tasks if t.dev for m in dev_metrics(t)]
+    if cfg.train.select_metric not in choices:
+        fail("train.select_metric", cfg.train.select_metric, f"choose one of {choices} (a task's metrics "
+             "exist only when it has a dev split)")
     if cfg.train.mode == "lp_ft" and cfg.train.lp_steps <= 0:
-        raise ConfigError(f"{source}: train.mode = lp_ft needs train.lp_steps > 0")
-    if cfg.model.task_layers < 0:
-        raise ConfigError(f"{source}: model.task_layers = {cfg.model.task_layers}; use 0 (all shared) or more")
-    if cfg.model.task_groups and not cfg.model.task_layers:
-        raise ConfigError(f"{source}: model.task_groups needs model.task_layers > 0 (there are no tops to share)")
-    grouped = [n for members in cfg.model.task_groups.values() for n in members]
+        fail("train.lp_steps", cfg.train.lp_steps, "train.mode = lp_ft needs train.lp_steps > 0")
+    if cfg.train.mode == "lp_ft" and cfg.train.max_steps is not None and cfg.train.lp_steps >= cfg.train.max_steps:
+        fail("train.lp_steps", cfg.train.lp_steps, f"lp_ft fine-tunes after lp_steps, but train.max_steps = "
+             f"{cfg.train.max_steps} ends training first")
+    check("train.cagrad.rescale", cfg.train.cagrad.rescale, CHOICES["train.cagrad.rescale"])
+    if not (_finite(cfg.train.cagrad.c) and cfg.train.cagrad.c >= 0):
+        fail("train.cagrad.c", cfg.train.cagrad.c, "use a finite number >= 0")
+    if not (_finite(cfg.train.gradvac.beta) and 0.0 < cfg.train.gradvac.beta <= 1.0):
+        fail("train.gradvac.beta", cfg.train.gradvac.beta, "use a number in (0, 1]")
+    _validate_task_layers(cfg.model, names, fail)
+    _validate_encoder(cfg.model, fail, where)
+    _validate_deepspeed(cfg.deepspeed, fail)
+
+
+def _validate_task_layers(model: ModelConfig, names: list[str], fail) -> None:
+    if model.task_layers < 0:
+        fail("model.task_layers", model.task_layers, "use 0 (all shared) or more")
+    if model.task_groups and not model.task_layers:
+        fail("model.task_groups", model.task_groups, "needs model.task_layers > 0 (there are no tops to share)")
+    grouped = [n for members in model.task_groups.values() for n in members]
     for name in grouped:
         if name not in names:
-            raise ConfigError(f"{source}: model.task_groups: no task named {name!r}; tasks: {names}")
+            fail("model.task_groups", model.task_groups, f"no task named {name!r}; tasks: {names}")
         if grouped.count(name) > 1:
-            raise ConfigError(f"{source}: model.task_groups: task {name!r} is in more than one group")
+            fail("model.task_groups", model.task_groups, f"task {name!r} is in more than one group")
+
+
+def _validate_tasks(cfg: Config, fail, check) -> None:
+    from mtkit.tasks.readers import DEFAULT_COLUMNS, FORMATS
+    names = [t.name for t in cfg.tasks]
+    if not cfg.tasks:
+        fail("tasks", [], "declare at least one task (tasks: [...])")
+    if len(set(names)) != len(names):
+        fail("tasks", names, "task names must be unique")
+    for t in cfg.tasks:
+        key = f"tasks.{t.name}"
+        if not t.name:
+            fail(f"{key}.name", t.name, "every task needs a name")
+        for field_name in ("kind", "decoder", "loss"):
+            check(f"{key}.{field_name}", getattr(t, field_name), CHOICES[f"task.{field_name}"])
+        check(f"{key}.format", t.format, {"auto", *FORMATS})
+        for field_name, (ok, valid) in TASK_RANGES.items():
+            value = getattr(t, field_name)
+            if value is not None and not ok(value):
+                fail(f"{key}.{field_name}", value, valid)
+        if not t.train:
+            fail(f"{key}.train", t.train, "every task needs a train split (a file or hf:NAME@SPLIT)")
+        roles = set(DEFAULT_COLUMNS[t.kind])
+        for columns in ("columns", "hub_columns"):
+            unknown = sorted(set(getattr(t, columns)) - roles)
+            if unknown:
+                fail(f"{key}.{columns}", getattr(t, columns), f"unknown role(s) {unknown} for a {t.kind} task; "
+                     f"roles: {sorted(roles)}")
+        unknown = sorted(set(t.hub) - {"train", "dev", "test"})
+        if unknown:
+            fail(f"{key}.hub", t.hub, f"unknown split(s) {unknown}; splits: dev, test, train")
+        if t.label_names is not None:
+            if len(t.label_names) < 2 or len(set(t.label_names)) != len(t.label_names):
+                fail(f"{key}.label_names", t.label_names, "use at least two distinct names")
+            if t.num_labels is not None and t.num_labels != len(t.label_names):
+                fail(f"{key}.num_labels", t.num_labels, f"but {len(t.label_names)} label_names are given")
+        if t.kind in ("classification", "pair_classification") and not _label_count(t):
+            fail(f"{key}.num_labels", t.num_labels, f"a {t.kind} task needs num_labels or label_names")
+        if t.calibrate and not (t.kind in ("classification", "pair_classification") and _label_count(t) == 2):
+            fail(f"{key}.calibrate", t.calibrate, f"calibrate sets a binary decision threshold; a {t.kind} "
+                 f"task with {_label_count(t)} labels has none")
+        if t.label_range is not None and not (len(t.label_range) == 2 and all(map(_finite, t.label_range))
+                                              and t.label_range[0] < t.label_range[1]):
+            fail(f"{key}.label_range", t.label_range, "use [low, high] with low < high")
+
+
+def _validate_encoder(model: ModelConfig, fail, where: _Where) -> None:
+    hf = encoder_config(model)
+    if hf is None:
+        return
+    for key, value in model.arch.items():
+        if not hasattr(hf, key):
+            fail(f"model.arch.{key}", value, f"{type(hf).__name__} has no such field")
+        setattr(hf, key, value)
+    layers = getattr(hf, "num_hidden_layers", None)
+    if model.task_layers and layers is not None and model.task_layers >= layers:
+        fail("model.task_layers", model.task_layers, f"the encoder has {layers} layers; use 1..{layers - 1} so "
+             "some stay shared")
+    positions = getattr(hf, "max_position_embeddings", None)
+    if positions is not None and model.max_length > positions:
+        source = (f"model.arch.max_position_embeddings, {where('model.arch.max_position_embeddings')}"
+                  if "max_position_embeddings" in model.arch else f"max_position_embeddings of {model.name_or_path}")
+        fail("model.max_length", model.max_length, f"the encoder has {positions} positions ({source})")
+
+
+def _validate_deepspeed(ds: DeepSpeedConfig, fail) -> None:
+    if ds.config is None:
+        return
+    try:
+        stage = read_deepspeed_json(ds.config).get("zero_optimization", {}).get("stage")
+    except ConfigError as e:
+        fail("deepspeed.config", ds.config, str(e))
+    if ds.zero_stage is None and stage == 3:  # deepspeed.zero_stage, when set, replaces the JSON's stage
+        fail("deepspeed.config", ds.config, f"{ds.config} asks for ZeRO stage 3, which is not supported: "
+             "diagnostics and per-head isolation need whole parameters on every rank (use 0, 1 or 2, or set "
+             "deepspeed.zero_stage)")
+
+
+def _line_of(before: str) -> int:
+    """The 1-based line that follows the text `before`, with LF, CR and CRLF each ending a line."""
+    return before.count("\n") + before.count("\r") - before.count("\r\n") + 1
 
 
 class _Where:
@@ -324,9 +548,11 @@ class _Where:
         self.source, self.lines = source, lines
 
     def __call__(self, key: str) -> str:
+        parts = key.split(".")
+        for i in range(len(parts), 0, -1):  # an override of a whole section covers its keys
+            if self.lines.get(".".join(parts[:i])) == "override":
+                return f"override --{'.'.join(parts[:i])}"
         line = self.lines.get(key)
-        if line == "override":
-            return f"override --{key}"
         return f"{self.source}:{line}" if line else self.source
 
 
@@ -356,12 +582,16 @@ def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
             match = [t for t in node if isinstance(t, dict) and t.get("name") == part]
             if not match:
                 names = [t.get("name") for t in node if isinstance(t, dict)]
-                raise ConfigError(f"override {key}: no task named {part!r}; tasks: {names}")
+                raise ConfigError(f"override --{key}: no task named {part!r}; tasks: {names}")
             node = match[0]
-        else:
+        elif isinstance(node, dict):
             node = node.setdefault(part, [] if part == "tasks" else {})
+        else:
+            raise ConfigError(f"override --{key}: {'.'.join(parts[:i])} is {node!r} in {source}, not a mapping")
     if isinstance(node, list):
-        raise ConfigError(f"override {key}: address a task field as tasks.<name>.<field>")
+        raise ConfigError(f"override --{key}: address a task field as tasks.<name>.<field>")
+    if not isinstance(node, dict):
+        raise ConfigError(f"override --{key}: {'.'.join(parts[:-1])} is {node!r} in {source}, not a mapping")
     node[parts[-1]] = value
 
 

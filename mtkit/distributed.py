@@ -1,13 +1,16 @@
 """Process-group set-up shared by every launch path: python, torchrun and the deepspeed launcher.
 
 The launchers export WORLD_SIZE / RANK / LOCAL_RANK (deepspeed also appends --local_rank, which the CLI
-accepts and ignores in favour of the environment). A world of 1 initialises nothing.
+accepts and ignores in favour of the environment). A world of 1 initialises nothing, unless a process group
+is asked for: the DeepSpeed engine needs one even alone.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +51,8 @@ class Dist:
         return out
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
+def init_distributed(device: str = "auto", timeout_s: int = 600, group: bool = False) -> Dist:
+    """The launch's ranks and device; with `group`, a process group even for a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -58,10 +62,43 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    backend, timeout = "nccl" if use_cuda else "gloo", datetime.timedelta(seconds=timeout_s)
     if world > 1 and not tdist.is_initialized():
-        tdist.init_process_group("nccl" if use_cuda else "gloo",
-                                 timeout=datetime.timedelta(seconds=timeout_s))
+        tdist.init_process_group(backend, timeout=timeout)
+    elif world == 1 and group and not tdist.is_initialized():
+        _init_one_rank_group(backend, timeout)
     return Dist(world, rank, local_rank, dev)
+
+
+_one_rank: dict = {}  # the folder and variables of the group below, while it exists
+
+
+def _init_one_rank_group(backend: str, timeout: datetime.timedelta) -> None:
+    """A one-rank group that meets through a file in a temporary folder: no TCP port, no launcher.
+
+    It lives until the process exits: DeepSpeed caches its groups across engines, so a pipeline's later
+    stages reuse this one rather than a destroyed one."""
+    folder = tempfile.TemporaryDirectory(prefix="mtkit_pg_")
+    store = tdist.FileStore(os.path.join(folder.name, "store"), 1)
+    tdist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    # DeepSpeed insists on the variables a launcher would have set.
+    env = {k: v for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items() if k not in os.environ}
+    os.environ.update(env)
+    _one_rank.update(folder=folder, env=env)
+    atexit.register(close_one_rank_group)
+
+
+def close_one_rank_group() -> None:
+    """Destroy the group `init_distributed(group=True)` made for a single process, if any."""
+    if not _one_rank:
+        return
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+    _one_rank["folder"].cleanup()
+    for name in _one_rank["env"]:
+        os.environ.pop(name, None)
+    _one_rank.clear()
+    atexit.unregister(close_one_rank_group)
 
 
 # DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp) maps one ~70 MB POSIX shared-memory workspace per

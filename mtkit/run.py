@@ -85,7 +85,8 @@ def run(cfg: Config, out: str | Path, resume: str | None = None, overwrite: bool
     """Train into the run folder `out`. A folder that already holds a run is refused unless `resume`
     ("auto" or a checkpoint folder) continues it or `overwrite` clears it first."""
     out = Path(out)
-    dist = init_distributed(cfg.train.device)
+    # DeepSpeed needs a process group even for one process; engine_name on one rank says if it is chosen.
+    dist = init_distributed(cfg.train.device, group=engine_name(cfg, Dist()) == "deepspeed")
     start = open_run_folder(out, cfg, resume, overwrite, allow_config_change, dist)
     started = time.time()
     tokenizer, tasks, model = build(cfg, dist)

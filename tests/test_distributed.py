@@ -3,6 +3,7 @@ disjoint shards, resume is exact, and 2 ranks equal 1 rank at the same global ba
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -195,3 +196,50 @@ def test_bf16_under_deepspeed(stage, data, tmp_path):
     assert (r["world_size"], r["zero_stage"]) == (2, stage)
     assert r["rank_weight_digests"][0] == r["rank_weight_digests"][1]
     assert 0 <= r["dev"]["overall"] <= 1 and scalars(out, "conflict/cos/")
+
+
+def test_one_rank_process_group_is_torn_down(monkeypatch):
+    import torch.distributed as tdist
+    from mtkit import distributed
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init_distributed("cpu").world_size == 1 and not tdist.is_initialized()
+    distributed.init_distributed("cpu", group=True)
+    folder = Path(distributed._one_rank["folder"].name)
+    distributed.init_distributed("cpu", group=True)  # a second run in the process reuses the group
+    assert Path(distributed._one_rank["folder"].name) == folder
+    t = torch.tensor([2.0])
+    tdist.all_reduce(t)  # a real collective on the one-rank group
+    assert t.item() == 2.0 and tdist.get_world_size() == 1 and os.environ["LOCAL_RANK"] == "0"
+    distributed.close_one_rank_group()
+    assert not tdist.is_initialized() and not folder.exists() and "LOCAL_RANK" not in os.environ
+
+
+def test_single_process_deepspeed_equals_torch_engine(data, tmp_path):
+    # No launcher: the DeepSpeed engine gets a one-rank group of its own. fp32, no dropout, same batches,
+    # so ZeRO-2 on one rank and the plain torch engine differ only in floating-point summation order.
+    torch_run, ds_run = tmp_path / "torch", tmp_path / "ds"
+    train(torch_run, *common(*data), *NO_DROPOUT, "--train.batch_size=16", "--train.engine=torch", ranks=1)
+    train(ds_run, *common(*data), *NO_DROPOUT, "--train.batch_size=16",
+          "--deepspeed.config=configs/deepspeed/zero2.json", ranks=1)
+    r = json.loads((ds_run / "results.json").read_text())
+    assert (r["engine"], r["world_size"], r["zero_stage"]) == ("deepspeed", 1, 2)
+    a = torch.load(torch_run / "best" / "model.pt")
+    b = torch.load(ds_run / "best" / "model.pt")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
+    ra = json.loads((torch_run / "results.json").read_text())["dev"]
+    assert r["dev"]["overall"] == pytest.approx(ra["overall"], abs=1e-4)
+
+
+def test_single_process_deepspeed_pipeline(data, tmp_path):
+    # Two stages in one process: the first stage's group is destroyed and the second one makes its own.
+    root, cache = data
+    out = tmp_path / "pipe"
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/debug_tiny_simcse.yaml", "--out",
+                str(out), f"--data.root={root}", f"--data.cache_dir={cache}", "--train.batch_size=8",
+                "--diagnostics.mode=off", "--train.max_steps=4", "--train.engine=deepspeed"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    saved = json.loads((out / "results.json").read_text())
+    assert (saved["engine"], saved["world_size"]) == ("deepspeed", 1)
+    assert list(saved["stages"]) == ["simcse", "multitask"]

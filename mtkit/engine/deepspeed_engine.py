@@ -8,13 +8,12 @@ config owns are written into the DeepSpeed JSON here: micro batch, accumulation,
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from mtkit.config import Config
+from mtkit.config import Config, read_deepspeed_json
 from mtkit.distributed import release_shm_workspace
 from mtkit.engine.base import Engine, GroupMaskedAdamW, active_groups, lr_lambdas
 
@@ -28,9 +27,7 @@ DEFAULT_ZERO_STAGE = 1
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    ds: dict = {}
-    if cfg.deepspeed.config:
-        ds = json.loads(Path(cfg.deepspeed.config).read_text())
+    ds: dict = read_deepspeed_json(cfg.deepspeed.config) if cfg.deepspeed.config else {}
     zero = dict(ds.get("zero_optimization", {}))
     if cfg.deepspeed.zero_stage is not None:
         zero["stage"] = cfg.deepspeed.zero_stage

@@ -6,7 +6,8 @@ Formats (``fmt``):
     The CS224N minBERT files: tab-separated despite the ``.csv`` name, a header row and an
     unnamed leading index column, read by column name (so extra columns are ignored).
 ``tsv`` / ``csv``
-    Tab- / comma-separated with a header row; columns by name, default csv quoting.
+    Tab- / comma-separated with a header row; columns by name, csv quoting (strict: a malformed
+    quote is an error).
 ``jsonl``
     One JSON object per line; columns are keys.
 ``lines``
@@ -23,10 +24,13 @@ Formats (``fmt``):
     sniffed: a tab means tab-separated (cs224n/tsv), else csv.
 
 Files may have a UTF-8 BOM, CRLF line endings and no final newline. Blank lines are skipped.
+Line numbers in errors count physical lines (a quoted field may span several); bytes that are not UTF-8
+are reported at their line.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import logging
@@ -76,11 +80,16 @@ def _check_columns(path: str, line: int | None, found: Sequence[str], required: 
         raise DataError(
             path, line, f"missing column(s) {', '.join(map(repr, missing))}; columns found: {list(found)}"
         )
+    twice = sorted({name for name in required if list(found).count(name) > 1})
+    if twice:  # a dict row would silently keep the last one
+        raise DataError(path, line, f"column(s) {', '.join(map(repr, twice))} appear more than once")
 
 
 def _read_delimited(path: str, required: Sequence[str], *, delimiter: str) -> Iterator[tuple[int, Row]]:
     with _open(path) as fp:
-        reader = csv.DictReader(fp, delimiter=delimiter, restkey=_EXTRA_FIELDS, restval=None)
+        # strict: a stray quote (`"a"b`, or one never closed, which would swallow the rows after it) is an
+        # error rather than text silently changed.
+        reader = csv.DictReader(fp, delimiter=delimiter, restkey=_EXTRA_FIELDS, restval=None, strict=True)
         try:
             header = reader.fieldnames
             if header is None:
@@ -94,8 +103,13 @@ def _read_delimited(path: str, required: Sequence[str], *, delimiter: str) -> It
                     problem = f"row has {count} fields but the header has {len(header)}"
                     raise DataError(path, reader.line_num, problem)
                 yield reader.line_num, row
-        except csv.Error as exc:
-            raise DataError(path, reader.line_num, f"malformed row: {exc}") from None
+        except csv.Error as exc:  # the inner reader's count includes the line it failed on
+            line = reader.reader.line_num
+            if str(exc) == "unexpected end of data":  # reported at the end: point at where the row began
+                start = (reader.line_num or 1) + 1
+                raise DataError(path, start, f"malformed row: a quote opened in this row is never closed "
+                                f"(the file ends at line {line} inside it)") from None
+            raise DataError(path, line, f"malformed row: {exc}") from None
 
 
 def _read_jsonl(path: str, required: Sequence[str]) -> Iterator[tuple[int, Row]]:
@@ -107,6 +121,8 @@ def _read_jsonl(path: str, required: Sequence[str]) -> Iterator[tuple[int, Row]]
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise DataError(path, line, f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+            except RecursionError:
+                raise DataError(path, line, "malformed JSON: nested too deeply") from None
             if not isinstance(row, dict):
                 raise DataError(path, line, f"expected a JSON object, got {type(row).__name__}")
             _check_columns(path, line, list(row), required)
@@ -189,6 +205,11 @@ def _text(value: object, column: str) -> str:
     text = (value or "").strip()
     if not text:
         raise ValueError(f"empty sentence in column {column!r}")
+    try:  # JSON escapes can spell lone surrogates ("\ud800"), which no tokenizer can encode
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"column {column!r} holds an invalid character {text[exc.start]!r} "
+                         f"(a lone UTF-16 surrogate)") from None
     return text
 
 
@@ -199,6 +220,8 @@ def _number(value: object, column: str, expected: str) -> float:
         number = float(value)
     except ValueError:
         raise ValueError(f"label {value!r} in column {column!r} is not {expected}") from None
+    except OverflowError:  # a JSON integer beyond float range
+        raise ValueError(f"label in column {column!r} is too large (an integer of {len(str(value))} digits)") from None
     if not math.isfinite(number):
         raise ValueError(f"label {value!r} in column {column!r} is not finite")
     return number
@@ -223,6 +246,23 @@ def _float_label(value: object, column: str, label_range: tuple[float, float] | 
     if label_range is not None and not label_range[0] <= number <= label_range[1]:
         raise ValueError(f"label {value!r} in column {column!r} is outside [{label_range[0]}, {label_range[1]}]")
     return number
+
+
+def _not_utf8(path: str) -> DataError:
+    """Locate the first bytes that are not UTF-8 by line (the decoder's offset counts from a buffer, not
+    the file). Lines split at LF, CR and CRLF, as the readers count them; no UTF-8 sequence holds those."""
+    with open(path, "rb") as fp:
+        data = fp.read()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    for line, raw in enumerate(data.splitlines(), start=1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad = raw[exc.start:exc.end].hex(" ")
+            return DataError(path, line, f"not UTF-8 text: {exc.reason} (byte(s) {bad} at column {exc.start + 1}); "
+                             "save the file as UTF-8")
+    return DataError(path, None, "not UTF-8 text")
 
 
 def read_examples(
@@ -285,8 +325,8 @@ def read_examples(
             except ValueError as exc:
                 raise DataError(path, line, str(exc)) from None
             examples.append(Example(example_id, texts, label))
-    except UnicodeDecodeError as exc:
-        raise DataError(path, None, f"not UTF-8 text: {exc.reason}") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
 
     if skipped and not examples:
         raise DataError(path, None, f"all {len(skipped)} rows have an empty label in column {cols['label']!r}")
