@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import write_toy_data
-from distributed_util import deepspeed, free_port, run, train
+from distributed_util import deepspeed, run, torchrun, train
 from test_smoke import scalars
 
 pytestmark = pytest.mark.slow
@@ -167,11 +166,8 @@ def test_simcse_pipeline_under_deepspeed(data, tmp_path):
 def test_torchrun_launch(data, tmp_path):
     root, cache = data
     out = tmp_path / "torchrun"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "launchers/train.py",
-           "--config", "configs/debug_tiny.yaml", "--out", str(out), *common(root, cache),
-           "--train.batch_size=8"]
-    proc = run(cmd)
+    proc = torchrun("launchers/train.py", "--config", "configs/debug_tiny.yaml", "--out", str(out),
+                    *common(root, cache), "--train.batch_size=8")
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads((out / "results.json").read_text())
     assert (r["engine"], r["world_size"], r["zero_stage"]) == ("deepspeed", 2, 1)
