@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 
 from mtkit import config as config_mod
 
@@ -82,9 +84,39 @@ def tiny_cfg(toy_root, tmp_path):
     return lambda **kw: tiny_config(toy_root, tmp_path / "cache", **kw)
 
 
+class GradientRecorder:
+    """A read-only observer inside a real run (a `mtkit.loop.Hook`): after each backward, the task, the
+    encoder's gradient read from `.grad` (not through the engine) and that task's head gradient, in float64."""
+
+    def __init__(self):
+        self.steps: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def on_backward(self, step, task, engine):
+        encoder = _flat_grad(engine.module.shared_parameters())
+        self.steps.append((task, encoder, _flat_grad(engine.module.head_parameters(task))))
+
+    def on_step(self, step, engine):
+        pass
+
+    def close(self):
+        pass
+
+
+def _flat_grad(named_params) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).double().flatten()
+                      for _, p in named_params])
+
+
+def run_observed(cfg, out: Path, hook) -> dict:
+    """`mtkit.run.run` with `hook` called by the loop next to the configured diagnostics hooks."""
+    import mtkit.run  # heavy (model, data, engines): only for the tests that train
+    configured = mtkit.run._diagnostics_hooks
+    with mock.patch.object(mtkit.run, "_diagnostics_hooks", lambda *args: configured(*args) + [hook]):
+        return mtkit.run.run(cfg, out)
+
+
 def conflicting_gradients(T: int, P: int, seed: int):
     """[T, P] float64 gradients sharing a component with alternating sign, so task pairs conflict."""
-    import torch
     gen = torch.Generator().manual_seed(seed)
     G = torch.randn(T, P, generator=gen, dtype=torch.float64)
     shared = torch.randn(P, generator=gen, dtype=torch.float64)

@@ -1,45 +1,110 @@
-"""Multi-process helpers for tests: gloo workers spawned in-process, and real DeepSpeed launches."""
+"""Multi-process helpers for tests: gloo ranks spawned in-process, and real DeepSpeed/torchrun launches."""
 from __future__ import annotations
 
+import datetime
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import REPO
 from mtkit.distributed import SHM_DIR, SHM_PREFIX
 
-TIMEOUT_S = 300  # a hung collective fails the test instead of CI
+TIMEOUT_S = 300  # a hung launch fails the test instead of CI
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ---------------------------------------------------------------- gloo ranks spawned in-process
 
+def spawn_ranks(body: Callable[[int], dict], out_dir: Path, world: int, timeout_s: float = 180) -> list[dict]:
+    """Run `body(rank)` on `world` spawned gloo ranks and return each rank's result, in rank order.
 
-def spawn_ranks(worker, out_dir: Path, world: int, timeout_s: float = 90) -> list[dict]:
-    """Run `worker(rank, port, out_dir)` on `world` spawned processes; each saves `out_dir/rank{r}.pt`.
-
-    A hang kills the workers and fails the test instead of blocking the suite."""
+    The helper owns the whole life cycle, so no test repeats it: the ranks meet through a file store in
+    `out_dir` (no TCP port to race other processes for), every rank passes a barrier before the process
+    group is destroyed (a rank that tears gloo down while its peer still talks to it can abort the
+    peer's process with SIGABRT), results are written atomically, and collectives time out before the
+    outer deadline so a hang surfaces as a Python error in the rank, not as a kill. `body` must be a
+    module-level function (the spawned processes import it)."""
+    out_dir = Path(out_dir)
+    store = Path(tempfile.mkdtemp(prefix="rendezvous-", dir=out_dir)) / "store"  # fresh per spawn
+    collective_timeout_s = timeout_s / 2
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned workers
-        context = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=world, join=False,
-                                     start_method="spawn")
+        patch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
+        context = mp.start_processes(_rank_main, args=(body, world, str(store), str(out_dir),
+                                                       collective_timeout_s),
+                                     nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("distributed workers hung")
-    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    try:
+        while not context.join(timeout=1, grace_period=5):
+            if time.monotonic() > deadline:
+                hung = [r for r, p in enumerate(context.processes) if p.is_alive()]
+                for p in context.processes:
+                    p.kill()
+                pytest.fail(f"ranks {hung} still running after {timeout_s:.0f} s (collective timeout "
+                            f"{collective_timeout_s:.0f} s); results written: {_written(out_dir, world)}",
+                            pytrace=False)
+    except mp.ProcessRaisedException as err:
+        pytest.fail(f"rank {err.error_index} raised; results written: {_written(out_dir, world)}{err}",
+                    pytrace=False)
+    except mp.ProcessExitedException as err:
+        how = f"signal {err.signal_name}" if err.signal_name else f"exit code {err.exit_code}"
+        pytest.fail(f"rank {err.error_index} (pid {err.error_pid}) died with {how} and no Python error; results "
+                    f"written: {_written(out_dir, world)}; the ranks' stderr is in the captured output",
+                    pytrace=False)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _rank_main(rank: int, body, world: int, store: str, out_dir: str, timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        result = body(rank)
+        path = Path(out_dir) / f"rank{rank}.pt"
+        torch.save(result, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)  # the parent never reads half a file
+        dist.barrier()  # nobody destroys the group while a peer may still be using it
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _written(out_dir: Path, world: int) -> list[int]:
+    return [r for r in range(world) if (out_dir / f"rank{r}.pt").exists()]
+
+
+# ---------------------------------------------------------------- real launches (deepspeed, torchrun)
+
+# The launchers rendezvous over TCP, so they need a port. Ports below the kernel's ephemeral range
+# (32768-60999 by default) are never handed out for outgoing connections, and each test process walks
+# its own pid-seeded sequence, so parallel test sessions rarely try the same one; a launch that still
+# loses a race fails with this message and is retried on another port.
+PORTS = range(20000, 32000)
+ADDRESS_IN_USE = re.compile(r"EADDRINUSE|address already in use", re.IGNORECASE)
+LAUNCH_ATTEMPTS = 3
+_port_rng = random.Random(os.getpid())
+
+
+def launch_port() -> int:
+    while True:
+        port = _port_rng.choice(PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 def env() -> dict:
@@ -64,20 +129,37 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def launch(cmd_for_port: Callable[[int], list[str]]) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the launch command built for a fresh port; again on another port if the port was taken."""
+    for attempt in range(1, LAUNCH_ATTEMPTS + 1):
+        port = launch_port()
+        proc = run(cmd_for_port(port))
+        taken = proc.returncode != 0 and ADDRESS_IN_USE.search(proc.stdout + proc.stderr)
+        if not taken or attempt == LAUNCH_ATTEMPTS:
+            return proc, port
+        print(f"port {port} was taken during the launch; retrying on another one", file=sys.stderr)
+
+
 def shm_workspaces(port: int) -> list[Path]:
     return sorted(SHM_DIR.glob(f"{SHM_PREFIX}_*_{port}_*"))
 
 
 def deepspeed(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).with_name("deepspeed")
-    port = free_port()
-    cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
-    proc = run(cmd)
+    proc, port = launch(lambda port: [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port),
+                                      script, *args])
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+        raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-4000:]}")
     # mtkit's DeepSpeed engine releases the CPU all-reduce memory; a leak would fill the machine's RAM.
     assert not shm_workspaces(port), f"DeepSpeed shared-memory workspaces left behind: {shm_workspaces(port)}"
+    return proc
+
+
+def torchrun(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    launcher = Path(sys.executable).with_name("torchrun")
+    proc, _ = launch(lambda port: [str(launcher), "--nproc_per_node", str(ranks), "--master_port", str(port),
+                                   script, *args])
     return proc
 
 

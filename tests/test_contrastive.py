@@ -1,7 +1,6 @@
 """Cross-rank InfoNCE, gradient caching (chunked re-encoding) and unsupervised views against their
 single-process definitions."""
 
-import datetime
 from pathlib import Path
 
 import pytest
@@ -62,55 +61,49 @@ def gather_as_constants(x: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=30))
+def rank_body(rank: int) -> dict:
+    local = {role: t[rank * B:(rank + 1) * B] for role, t in global_batch().items()}
+    out = {"gathered": gather_with_grad(local["positive"])}
+
+    model = make_mlp()
+    loss = distributed_info_nce(*(model(local[r]) for r in ROLES), TEMP)
+    loss.backward()
+    out["loss"], out["grads"] = loss.detach(), mean_over_ranks(grads(model))
+
+    model = make_mlp()
+    loss = distributed_info_nce(model(local["anchor"]), model(local["positive"]), None, TEMP)
+    loss.backward()
+    out["loss_no_neg"], out["grads_no_neg"] = loss.detach(), mean_over_ranks(grads(model))
+
+    model = make_mlp()
+    # Gradient caching as in MultiTaskModel: chunks of 2 and 1 rows encoded under activation
+    # recomputation, then the cross-rank loss over all of them.
+    loss = distributed_info_nce(*(torch.cat([checkpoint(model, c, use_reentrant=False)
+                                             for c in local[r].split(2)]) for r in ROLES), TEMP)
+    loss.backward()
+    out["cached_loss"], out["cached_grads"] = loss.detach(), mean_over_ranks(grads(model))
+
+    model = make_mlp()
+    a, p, n = (model(local[r]) for r in ROLES)
+    candidates = torch.cat([gather_as_constants(p, rank), gather_as_constants(n, rank)])
+    sim = F.cosine_similarity(a[:, None], candidates[None], dim=-1) / TEMP
+    F.cross_entropy(sim, rank * B + torch.arange(B)).backward()
+    out["constant_grads"] = mean_over_ranks(grads(model))
+
     try:
-        local = {role: t[rank * B:(rank + 1) * B] for role, t in global_batch().items()}
-        out = {"gathered": gather_with_grad(local["positive"])}
-
-        model = make_mlp()
-        loss = distributed_info_nce(*(model(local[r]) for r in ROLES), TEMP)
-        loss.backward()
-        out["loss"], out["grads"] = loss.detach(), mean_over_ranks(grads(model))
-
-        model = make_mlp()
-        loss = distributed_info_nce(model(local["anchor"]), model(local["positive"]), None, TEMP)
-        loss.backward()
-        out["loss_no_neg"], out["grads_no_neg"] = loss.detach(), mean_over_ranks(grads(model))
-
-        model = make_mlp()
-        # Gradient caching as in MultiTaskModel: chunks of 2 and 1 rows encoded under activation
-        # recomputation, then the cross-rank loss over all of them.
-        loss = distributed_info_nce(*(torch.cat([checkpoint(model, c, use_reentrant=False)
-                                                 for c in local[r].split(2)]) for r in ROLES), TEMP)
-        loss.backward()
-        out["cached_loss"], out["cached_grads"] = loss.detach(), mean_over_ranks(grads(model))
-
-        model = make_mlp()
-        a, p, n = (model(local[r]) for r in ROLES)
-        candidates = torch.cat([gather_as_constants(p, rank), gather_as_constants(n, rank)])
-        sim = F.cosine_similarity(a[:, None], candidates[None], dim=-1) / TEMP
-        F.cross_entropy(sim, rank * B + torch.arange(B)).backward()
-        out["constant_grads"] = mean_over_ranks(grads(model))
-
-        try:
-            gather_with_grad(torch.zeros(B + rank, 5))
-        except ValueError as err:
-            out["uneven_error"] = str(err)
-        try:
-            gather_with_grad(torch.zeros(B, 5, 1) if rank else torch.zeros(B, 5))
-        except ValueError as err:
-            out["ndim_error"] = str(err)
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        gather_with_grad(torch.zeros(B + rank, 5))
+    except ValueError as err:
+        out["uneven_error"] = str(err)
+    try:
+        gather_with_grad(torch.zeros(B, 5, 1) if rank else torch.zeros(B, 5))
+    except ValueError as err:
+        out["ndim_error"] = str(err)
+    return out
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    return spawn_ranks(_worker, tmp_path_factory.mktemp("ranks"), WORLD)
+    return spawn_ranks(rank_body, tmp_path_factory.mktemp("ranks"), WORLD)
 
 
 def reference(with_negatives: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -1,7 +1,5 @@
 """Distributed-exact Grams and the gradient probe: 2 gloo ranks equal one process on the full data."""
 
-import datetime
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -83,43 +81,32 @@ def make_probe(model: TinyEncoder, rank: int | None) -> GradientProbe:
     )
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=30),
-    )
-    try:
-        results = {"grams": {}}
-        for name, (T, P, ids) in GRAM_CASES.items():
-            G = local_gradients(T, P, rank)
-            ids_t = torch.tensor(ids)
-            for method in ("auto", "reduce_scatter", "all_reduce"):
-                results["grams"][name, method] = global_group_grams(G, ids_t, max(ids) + 1, method=method)
-            # A backend without reduce_scatter: "auto" must fall back on every rank alike.
-            with mock.patch.object(dist, "reduce_scatter", side_effect=RuntimeError("unsupported")):
-                results["grams"][name, "fallback"] = global_group_grams(G, ids_t, max(ids) + 1)
-            results["local_untouched", name] = torch.equal(G, local_gradients(T, P, rank))
+def rank_body(rank: int) -> dict:
+    results = {"grams": {}}
+    for name, (T, P, ids) in GRAM_CASES.items():
+        G = local_gradients(T, P, rank)
+        ids_t = torch.tensor(ids)
+        for method in ("auto", "reduce_scatter", "all_reduce"):
+            results["grams"][name, method] = global_group_grams(G, ids_t, max(ids) + 1, method=method)
+        # A backend without reduce_scatter: "auto" must fall back on every rank alike.
+        with mock.patch.object(dist, "reduce_scatter", side_effect=RuntimeError("unsupported")):
+            results["grams"][name, "fallback"] = global_group_grams(G, ids_t, max(ids) + 1)
+        results["local_untouched", name] = torch.equal(G, local_gradients(T, P, rank))
 
-        model = make_model()
-        sentinel = torch.full_like(model.embeddings.weight, 7.0)
-        model.embeddings.weight.grad = sentinel.clone()
-        probe = make_probe(model, rank)
-        results["record"] = probe.measure(step=10)
-        results["grad_untouched"] = torch.equal(model.embeddings.weight.grad, sentinel) and all(
-            p.grad is None for n, p in model.named_parameters() if n != "embeddings.weight"
-        )
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    model = make_model()
+    sentinel = torch.full_like(model.embeddings.weight, 7.0)
+    model.embeddings.weight.grad = sentinel.clone()
+    probe = make_probe(model, rank)
+    results["record"] = probe.measure(step=10)
+    results["grad_untouched"] = torch.equal(model.embeddings.weight.grad, sentinel) and all(
+        p.grad is None for n, p in model.named_parameters() if n != "embeddings.weight"
+    )
+    return results
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    return spawn_ranks(_worker, tmp_path_factory.mktemp("ranks"), WORLD)
+    return spawn_ranks(rank_body, tmp_path_factory.mktemp("ranks"), WORLD)
 
 
 @pytest.mark.parametrize("case", list(GRAM_CASES))

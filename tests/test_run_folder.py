@@ -337,7 +337,7 @@ def ds_model_at(run_dir: Path, step: int) -> dict:
 
 @pytest.mark.slow
 def test_deepspeed_refuses_overwrites_and_resumes_once(tmp_path):
-    from distributed_util import free_port, run as launch, train
+    from distributed_util import launch, train
     root, cache = write_toy_data(tmp_path / "data"), tmp_path / "cache"
     args = [f"--data.root={root}", f"--data.cache_dir={cache}", "--train.batch_size=8", "--train.eval_every=2",
             "--train.log_every=1", "--diagnostics.every=1"]
@@ -345,8 +345,9 @@ def test_deepspeed_refuses_overwrites_and_resumes_once(tmp_path):
     train(out, *args, "--train.max_steps=6")
     before = snapshot(out)
     launcher = Path(sys.executable).with_name("deepspeed")
-    proc = launch([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "launchers/train.py",
-                   "--config", "configs/debug_tiny.yaml", "--out", str(out), *args, "--train.max_steps=4"])
+    proc, _ = launch(lambda port: [str(launcher), "--num_gpus", "2", "--master_port", str(port), "launchers/train.py",
+                                   "--config", "configs/debug_tiny.yaml", "--out", str(out), *args,
+                                   "--train.max_steps=4"])
     assert proc.returncode != 0 and f"error: {out} already holds a run" in proc.stderr
     assert snapshot(out) == before
     # Over a longer run (checkpoints 4 and 6) a shorter one leaves nothing of it.

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mtkit.run import run
 
-from conftest import REPO, require_real_data
+from conftest import REPO, GradientRecorder, require_real_data, run_observed
 
 
 def scalars(run_dir, prefix):
@@ -86,13 +86,29 @@ def test_probe_diagnostics_leave_training_bit_identical(tiny_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_stream_diagnostics_write_conflict_records(tiny_cfg, tmp_path):
+def test_stream_diagnostics_are_running_averages_of_the_step_gradients(tiny_cfg, tmp_path):
     out = tmp_path / "stream"
-    run(tiny_cfg(**{"diagnostics.mode": "stream", "diagnostics.every": 3}), out)
+    cfg = tiny_cfg(**{"diagnostics.mode": "stream", "diagnostics.every": 3})
+    recorder = GradientRecorder()
+    run_observed(cfg, out, recorder)
     records = [json.loads(x) for x in (out / "diagnostics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6, 9] and all(r["mode"] == "stream" for r in records)
     assert set(records[0]["cos"]) == {"sst__quora", "sst__sts", "quora__sts"}
     assert scalars(out, "conflict/cos/sst__sts")
+    # StreamTracker's documented average, m ← β m + (1 − β) g (the first g sets m), recomputed in float64
+    # from each step's encoder gradient as the recorder read it off `.grad`; one backward per step.
+    beta = cfg.diagnostics.stream_beta
+    for record in records:
+        m = {}
+        for task, g, _ in recorder.steps[:record["step"]]:
+            m[task] = g if task not in m else beta * m[task] + (1 - beta) * g
+        assert set(m) == set(record["norm"])
+        for task, value in record["norm"].items():
+            assert value == pytest.approx(m[task].norm().item(), rel=1e-5), (record["step"], task)
+        for pair, value in record["cos"].items():
+            a, b = pair.split("__")
+            cos = (m[a] @ m[b] / (m[a].norm() * m[b].norm())).item()
+            assert value == pytest.approx(cos, abs=1e-5), (record["step"], pair)
 
 
 def test_resume_continues_exactly(tiny_run, tmp_path):
