@@ -187,7 +187,7 @@ def test_strategy_settings_reach_the_strategy(tiny_cfg):
         tiny_cfg(**{"train.cagrad.alpha": "0.4"})
     with pytest.raises(ConfigError, match=r"train.cagrad.rescale = '2'; choose one of \['1\+c', '1\+c\^2', 'none'\]"):
         tiny_cfg(**{"train.cagrad.rescale": "2"})
-    with pytest.raises(ConfigError, match=r"train.gradvac.beta = 0.0; must be in \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"override --train.gradvac.beta: train.gradvac.beta = 0.0; use a number in \(0, 1\]"):
         tiny_cfg(**{"train.gradvac.beta": "0"})
     with pytest.raises(ConfigError, match="train.cagrad.c expects float"):
         tiny_cfg(**{"train.cagrad.c": "big"})
