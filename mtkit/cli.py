@@ -38,12 +38,16 @@ class CLI:
 
     def train(self, config: str, out: str = "runs/run", resume: str | None = None, **overrides):
         """Train a run or a pipeline config. `--resume auto` continues from the latest checkpoint."""
+        from mtkit.loop import TrainingStopped
         from mtkit.pipeline import run_any
         from mtkit.tasks import DataError
         try:
             results = run_any(config, out, _overrides(overrides), resume)
         except (config_mod.ConfigError, DataError) as e:
             _fail(e)
+        except TrainingStopped as e:
+            print(("error: " if e.exit_code else "") + str(e), file=sys.stderr)
+            sys.exit(e.exit_code)
         print(json.dumps({"dev": results["dev"], "out": str(out)}, indent=2))
 
     def eval(self, run_dir: str, split: str = "dev", checkpoint: str | None = None, **overrides):

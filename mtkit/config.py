@@ -114,6 +114,11 @@ class TrainConfig:
     select_metric: str = "overall"      # best checkpoint by dev "overall" or "<task>.<metric>"
     export_encoder: bool = False        # also save the best encoder as an HF folder (DIR/encoder)
     trace: bool = False                 # per-rank JSONL of (step, task, example indices), for audits
+    nonfinite: str = "stop"             # NaN/inf loss or gradient: stop (checkpoint, exit 2) | skip the step.
+                                        # stop: it usually means bad data or a diverging lr, which skipping hides
+    collective_timeout_s: Optional[float] = None  # a hung rank ends the others after this; None: 60 s on
+                                                  # CPU (gloo), 600 s on GPU (NCCL)
+    barrier_timeout_s: float = 1800.0   # waits for one rank's file writes (checkpoint, best model)
 
 
 @dataclass
@@ -182,6 +187,7 @@ CHOICES = {
     "train.engine": {"auto", "torch", "deepspeed"},
     "train.device": {"auto", "cpu", "cuda"},
     "train.strategy": {"none", "sum", "pcgrad", "gradvac", "cagrad"},
+    "train.nonfinite": {"stop", "skip"},
     "diagnostics.mode": {"off", "probe", "stream"},
 }
 
@@ -246,7 +252,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: {key} = {value!r}; choose one of {sorted(CHOICES[key])}")
 
     for key in ("model.pooling", "data.schedule", "optim.lr_schedule", "train.mode", "train.precision",
-                "train.engine", "train.device", "train.strategy", "diagnostics.mode"):
+                "train.engine", "train.device", "train.strategy", "train.nonfinite", "diagnostics.mode"):
         section, name = key.split(".")
         check(key, getattr(getattr(cfg, section), name))
     names = [t.name for t in cfg.tasks]

@@ -80,7 +80,7 @@ def build(cfg: Config, dist: Dist):
 
 def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
     out = Path(out)
-    dist = init_distributed(cfg.train.device)
+    dist = init_distributed(cfg.train.device, cfg.train.collective_timeout_s, cfg.train.barrier_timeout_s)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config_mod.to_dict(cfg), indent=2))
@@ -128,6 +128,7 @@ def run(cfg: Config, out: str | Path, resume: str | None = None) -> dict:
         "train_time_s": result["wall_time_s"],
         "eval_time_s": result["eval_time_s"],
         "train_samples_per_s": result.get("samples_per_s"),
+        "nonfinite_skipped": result["nonfinite_skipped"],
         "engine": name,
         "zero_stage": getattr(engine, "zero_stage", None),
         "world_size": dist.world_size,

@@ -39,9 +39,17 @@ class TorchEngine(Engine):
     def backward(self, loss):
         self.scaler.scale(loss / self.accum).backward()
 
-    def step(self) -> bool:
+    def at_boundary(self) -> bool:
+        return (self.micro + 1) % self.accum == 0
+
+    def step(self, skip: bool = False) -> bool:
         self.micro += 1
         if self.micro % self.accum:
+            return False
+        if skip:
+            # No scaler.update(): it needs the inf checks of an unscale_ or scaler.step in this step.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
             return False
         if self.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
