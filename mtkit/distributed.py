@@ -28,7 +28,6 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    barrier_timeout_s: float = 1800.0
     launcher: tuple[int, ...] = ()  # this rank's parent, grandparent...: the launcher chain to watch
 
     @property
@@ -52,15 +51,11 @@ class Dist:
         return flags
 
     def barrier(self) -> None:
-        """Wait for every rank, as long as `barrier_timeout_s`: barriers are where ranks wait for rank 0 to
-        write a checkpoint or the best model, which can outlast the collective timeout. A rank that dies
-        still ends the wait at once (its connections close)."""
-        if self.world_size == 1:
-            return
-        if tdist.get_backend() == "gloo":
-            tdist.monitored_barrier(timeout=datetime.timedelta(seconds=self.barrier_timeout_s))
-        else:  # NCCL has no per-call timeout; its process-group timeout applies
-            tdist.barrier()
+        """Wait for every rank, as long as `train.barrier_timeout_s`: barriers are where ranks wait for
+        rank 0 to write a checkpoint or the best model, which can outlast the collective timeout. A rank
+        that dies still ends the wait at once (its connections close)."""
+        if self.world_size > 1:
+            tdist.barrier(group=_barrier_group)
 
     def all_gather_object(self, obj) -> list:
         if self.world_size == 1:
@@ -82,13 +77,20 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None,
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    global _barrier_group
     if world > 1 and not tdist.is_initialized():
         if timeout_s is None:
             timeout_s = 600 if use_cuda else 60
         tdist.init_process_group("nccl" if use_cuda else "gloo",
                                  timeout=datetime.timedelta(seconds=timeout_s))
+        # A timeout is fixed per process group, and gloo's monitored_barrier applies its own only to rank
+        # 0's wait (the others' sends still time out with the group): barriers get a group of their own.
+        _barrier_group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=barrier_timeout_s))
     launched = world > 1 or _is_deepspeed_launch(os.getppid())
-    return Dist(world, rank, local_rank, dev, barrier_timeout_s, launcher_chain() if launched else ())
+    return Dist(world, rank, local_rank, dev, launcher_chain() if launched else ())
+
+
+_barrier_group = None  # the default group until init_distributed creates one
 
 
 # ---------------------------------------------------------------- stopping
