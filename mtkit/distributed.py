@@ -65,6 +65,9 @@ class Dist:
         return out
 
 
+_barrier_group = None  # Dist.barrier's process group; the default one until init_distributed makes one
+
+
 def init_distributed(device: str = "auto", timeout_s: float | None = None,
                      barrier_timeout_s: float = 1800.0) -> Dist:
     """`timeout_s` bounds every collective (None: 60 s over gloo on CPU, 600 s over NCCL)."""
@@ -88,9 +91,6 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None,
         _barrier_group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=barrier_timeout_s))
     launched = world > 1 or _is_deepspeed_launch(os.getppid())
     return Dist(world, rank, local_rank, dev, launcher_chain() if launched else ())
-
-
-_barrier_group = None  # the default group until init_distributed creates one
 
 
 # ---------------------------------------------------------------- stopping
