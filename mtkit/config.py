@@ -117,8 +117,10 @@ class TrainConfig:
     nonfinite: str = "stop"             # NaN/inf loss or gradient: stop (checkpoint, exit 2) | skip the step.
                                         # stop: it usually means bad data or a diverging lr, which skipping hides
     collective_timeout_s: Optional[float] = None  # a hung rank ends the others after this; None: 60 s on
-                                                  # CPU (gloo), 600 s on GPU (NCCL)
-    barrier_timeout_s: float = 1800.0   # waits for one rank's file writes (checkpoint, best model)
+                                        # CPU (gloo), 600 s on GPU (NCCL). It also bounds DeepSpeed's barrier
+                                        # while rank 0 writes the model file of a checkpoint (big models, slow
+                                        # disks: raise it)
+    barrier_timeout_s: float = 1800.0   # mtkit's barriers, where ranks wait for rank 0's file writes
 
 
 @dataclass

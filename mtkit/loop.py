@@ -149,10 +149,10 @@ def _train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, resume,
             meter.restart_clock()  # evaluation time is not training throughput
             eval_time += time.perf_counter() - t_eval
             saved = _save(cfg, out, engine, sampler, joint, dist, step, best)
-        if check.stop is not None and step < steps:
+        if check.stop_reason is not None and step < steps:
             saved = saved or _save(cfg, out, engine, sampler, joint, dist, step, best, force=True)
             _close(bar, trace, hooks, writer)
-            raise TrainingStopped(f"stopped after step {step} of {steps} ({check.stop}); checkpoint {saved}. "
+            raise TrainingStopped(f"stopped after step {step} of {steps} ({check.stop_reason}); checkpoint {saved}. "
                                   "To continue, run the same command with --resume auto (same --out).",
                                   exit_code=0)
     _close(bar, trace, hooks, writer)
@@ -201,7 +201,7 @@ class _StepCheck:
         self.flags: list[torch.Tensor] = []
         self.tasks: list[str] = []
         self.bad_task: str | None = None  # results of the last step_failed()
-        self.stop: str | None = None
+        self.stop_reason: str | None = None
         if grads:
             for p in model.parameters():
                 if p.requires_grad:
@@ -230,7 +230,7 @@ class _StepCheck:
         flags = self.dist.any(torch.cat([stop_here, torch.stack(self.flags)]).int()).tolist()
         bad = [t for t, f in zip(self.tasks, flags[1:]) if f]
         self.bad_task = bad[0] if bad else None
-        self.stop = (self.request.reason or "another rank was asked to stop") if flags[0] else None
+        self.stop_reason = (self.request.reason or "another rank was asked to stop") if flags[0] else None
         self.flags, self.tasks = [], []
         return self.bad_task is not None
 

@@ -98,7 +98,7 @@ class DeepSpeedEngine(Engine):
             self._seen = set()
         self.ds.step()
         if boundary and skip and not self.ds.was_step_applied():
-            # DeepSpeed saw the non-finite gradient norm itself (ZeRO in fp32, its bf16 optimizer) and
+            # DeepSpeed saw the non-finite gradient norm itself (ZeRO 1/2, its bf16 optimizer at stage 0) and
             # skipped the step, lr schedule included; advance the schedule as the torch engine does.
             self.scheduler.step()
         return boundary and not skip
