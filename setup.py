@@ -26,6 +26,7 @@ setup(
     ],
     # st: `mtkit export` writes sentence-transformers folders (and pushes them to the Hub)
     extras_require={"st": ["sentence-transformers>=6.2"],
-                    "dev": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6.100", "sentence-transformers>=6.2"]},
+                    "dev": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6.100", "psutil>=5.9",
+                            "sentence-transformers>=6.2"]},
     entry_points={"console_scripts": ["mtkit=mtkit.cli:main"]},
 )

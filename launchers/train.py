@@ -42,6 +42,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     from mtkit.checkpoint import RunFolderError
+    from mtkit.loop import TrainingStopped
     from mtkit.pipeline import run_any
     try:
         results = run_any(args.config, args.out, overrides, args.resume, args.overwrite,
@@ -49,6 +50,10 @@ def main(argv=None):
     except (config_mod.ConfigError, DataError, RunFolderError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(("error: " if e.exit_code else "") + str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"dev": results["dev"], "out": args.out}, indent=2))
 

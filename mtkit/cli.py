@@ -44,12 +44,16 @@ class CLI:
         continues it from the latest checkpoint (refusing changed settings unless --allow-config-change),
         `--overwrite` deletes it and starts over."""
         from mtkit.checkpoint import RunFolderError
+        from mtkit.loop import TrainingStopped
         from mtkit.pipeline import run_any
         from mtkit.tasks import DataError
         try:
             results = run_any(config, out, _overrides(overrides), resume, overwrite, allow_config_change)
         except (config_mod.ConfigError, DataError, RunFolderError, OSError) as e:
             _fail(e)
+        except TrainingStopped as e:
+            print(("error: " if e.exit_code else "") + str(e), file=sys.stderr)
+            sys.exit(e.exit_code)
         print(json.dumps({"dev": results["dev"], "out": str(out)}, indent=2))
 
     def eval(self, run_dir: str, split: str = "dev", checkpoint: str | None = None, **overrides):

@@ -133,6 +133,13 @@ class TrainConfig:
     select_metric: str = "overall"      # best checkpoint by dev "overall" or "<task>.<metric>"
     export_encoder: bool = False        # also save the best encoder as an HF folder (DIR/encoder)
     trace: bool = False                 # per-rank JSONL of (step, task, example indices), for audits
+    nonfinite: str = "stop"             # NaN/inf loss or gradient: stop (checkpoint, exit 2) | skip the step.
+                                        # stop: it usually means bad data or a diverging lr, which skipping hides
+    collective_timeout_s: Optional[float] = None  # a hung rank ends the others after this; None: 60 s on
+                                        # CPU (gloo), 600 s on GPU (NCCL). It also bounds DeepSpeed's barrier
+                                        # while rank 0 writes the model file of a checkpoint (big models, slow
+                                        # disks: raise it)
+    barrier_timeout_s: float = 1800.0   # mtkit's barriers, where ranks wait for rank 0's file writes
 
 
 @dataclass
@@ -202,6 +209,7 @@ CHOICES = {
     "train.device": {"auto", "cpu", "cuda"},
     "train.strategy": {"none", "sum", "pcgrad", "gradvac", "cagrad"},
     "train.cagrad.rescale": {"1+c^2", "1+c", "none"},
+    "train.nonfinite": {"stop", "skip"},
     "diagnostics.mode": {"off", "probe", "stream"},
 }
 
@@ -317,6 +325,9 @@ RANGES = {
     "train.seed": (lambda v: 0 <= v < 2 ** 32 - 1024, "use an integer in [0, 2**32 - 1024) (numpy seeds, "
                    "plus the rank)"),
     "train.num_threads": _COUNT,
+    "train.collective_timeout_s": _POSITIVE,
+    "train.barrier_timeout_s": _POSITIVE,
+    "model.task_layers": (lambda v: v >= 0, "use 0 (all shared) or more"),
     "diagnostics.every": _COUNT,
     "diagnostics.probe_batch_size": _COUNT,
     "diagnostics.stream_beta": _SHARE,
@@ -402,7 +413,7 @@ def validate(cfg: Config, source: str = "<config>", where: _Where | None = None)
             fail(key, value, f"choose one of {sorted(choices)}")
 
     for key in ("model.pooling", "data.schedule", "optim.lr_schedule", "train.mode", "train.precision",
-                "train.engine", "train.device", "train.strategy", "diagnostics.mode"):
+                "train.engine", "train.device", "train.strategy", "train.nonfinite", "diagnostics.mode"):
         section, name = key.split(".")
         check(key, getattr(getattr(cfg, section), name), CHOICES[key])
     for key, (ok, valid) in RANGES.items():

@@ -3,6 +3,11 @@
 The launchers export WORLD_SIZE / RANK / LOCAL_RANK (deepspeed also appends --local_rank, which the CLI
 accepts and ignores in favour of the environment). A world of 1 initialises nothing, unless a process group
 is asked for: the DeepSpeed engine needs one even alone.
+
+Failure handling: `StopRequest` turns SIGTERM, SIGINT and the death of the launcher into a request to stop
+after the current optimizer step (the loop checkpoints and exits). Collectives time out after
+`train.collective_timeout_s` so a hung rank ends the others; barriers, where ranks legitimately wait for
+one rank's file writes, get the longer `train.barrier_timeout_s`.
 """
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ import atexit
 import contextlib
 import datetime
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +31,7 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launcher: tuple[int, ...] = ()  # this rank's parent, grandparent...: the launcher chain to watch
 
     @property
     def is_main(self) -> bool:
@@ -39,9 +47,18 @@ class Dist:
             t = t.cpu()
         return t
 
-    def barrier(self) -> None:
+    def any(self, flags: torch.Tensor) -> torch.Tensor:
+        """Element-wise logical OR of an integer tensor of 0/1 flags across ranks (an all-reduce MAX)."""
         if self.world_size > 1:
-            tdist.barrier()
+            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+        return flags
+
+    def barrier(self) -> None:
+        """Wait for every rank, as long as `train.barrier_timeout_s`: barriers are where ranks wait for
+        rank 0 to write a checkpoint or the best model, which can outlast the collective timeout. A rank
+        that dies still ends the wait at once (its connections close)."""
+        if self.world_size > 1:
+            tdist.barrier(group=_barrier_group)
 
     def all_gather_object(self, obj) -> list:
         if self.world_size == 1:
@@ -51,8 +68,13 @@ class Dist:
         return out
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 600, group: bool = False) -> Dist:
-    """The launch's ranks and device; with `group`, a process group even for a single process."""
+_barrier_group = None  # Dist.barrier's process group; the default one until init_distributed makes one
+
+
+def init_distributed(device: str = "auto", timeout_s: float | None = None, barrier_timeout_s: float = 1800.0,
+                     group: bool = False) -> Dist:
+    """The launch's ranks and device; with `group`, a process group even for a single process.
+    `timeout_s` bounds every collective (None: 60 s over gloo on CPU, 600 s over NCCL)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -62,12 +84,100 @@ def init_distributed(device: str = "auto", timeout_s: int = 600, group: bool = F
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    global _barrier_group
+    if timeout_s is None:
+        timeout_s = 600 if use_cuda else 60
     backend, timeout = "nccl" if use_cuda else "gloo", datetime.timedelta(seconds=timeout_s)
     if world > 1 and not tdist.is_initialized():
         tdist.init_process_group(backend, timeout=timeout)
+        # A timeout is fixed per process group, and gloo's monitored_barrier applies its own only to rank
+        # 0's wait (the others' sends still time out with the group): barriers get a group of their own.
+        _barrier_group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=barrier_timeout_s))
     elif world == 1 and group and not tdist.is_initialized():
         _init_one_rank_group(backend, timeout)
-    return Dist(world, rank, local_rank, dev)
+    launched = world > 1 or _is_deepspeed_launch(os.getppid())
+    return Dist(world, rank, local_rank, dev, launcher_chain() if launched else ())
+
+
+# ---------------------------------------------------------------- stopping
+
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` from /proc (None when gone or without /proc)."""
+    if pid == os.getpid():
+        return os.getppid()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"; comm may hold spaces
+
+
+def _is_deepspeed_launch(pid: int) -> bool:
+    try:
+        return b"deepspeed.launcher.launch" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def ancestors(n: int) -> tuple[int, ...]:
+    """This process's parent, grandparent, ... (at most n)."""
+    chain, pid = [], os.getpid()
+    for _ in range(n):
+        pid = _parent_of(pid)
+        if pid is None:
+            break
+        chain.append(pid)
+    return tuple(chain)
+
+
+def launcher_chain() -> tuple[int, ...]:
+    """The processes whose death orphans this rank: its launcher (torchrun, DeepSpeed's per-node
+    `launch.py`), and above DeepSpeed's `launch.py` the `deepspeed` command itself, which a user or a
+    scheduler kills without `launch.py` noticing."""
+    parent = os.getppid()
+    return ancestors(2) if _is_deepspeed_launch(parent) else (parent,)
+
+
+class StopRequest:
+    """Set by SIGTERM, SIGINT or the launcher's death; the loop reads `reason` once per optimizer step,
+    agrees with the other ranks, checkpoints and exits.
+
+    Signals received after the first are ignored: the DeepSpeed launcher, signalled with its ranks, sends
+    them a second SIGTERM at once, and aborting the checkpoint would throw the request away (an abort
+    could not corrupt it: checkpoints are written atomically). The handlers only set a flag; printing
+    from a signal handler can fail when the main thread is in the middle of a write.
+    """
+
+    def __init__(self, launcher: tuple[int, ...] = (), poll_s: float = 1.0):
+        self.reason: str | None = None
+        self.launcher, self.poll_s = launcher, poll_s
+        self._previous: dict = {}
+        self._done = threading.Event()
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        if self.launcher:
+            threading.Thread(target=self._watch_launcher, name="mtkit-launcher-watch", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
+
+    def _watch_launcher(self) -> None:
+        # Polling, not PR_SET_PDEATHSIG: that signal covers only the direct parent, not the `deepspeed`
+        # command above DeepSpeed's launch.py.
+        while not self._done.wait(self.poll_s):
+            if ancestors(len(self.launcher)) != self.launcher:
+                self.reason = self.reason or f"the launcher exited (pid {' or '.join(map(str, self.launcher))})"
+                return
 
 
 _one_rank: dict = {}  # the folder and variables of the group below, while it exists

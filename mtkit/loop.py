@@ -2,7 +2,9 @@
 engine (backward/step/save/load) and hooks (read-only observers) from `mtkit.run`."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -14,7 +16,19 @@ from tqdm import tqdm
 from mtkit import checkpoint
 from mtkit.config import Config
 from mtkit.data.dataset import batch_for, to_device
+from mtkit.distributed import StopRequest
 from mtkit.evaluate import evaluate
+
+log = logging.getLogger("mtkit")
+
+
+class TrainingStopped(Exception):
+    """Training ended early with a checkpoint: `exit_code` 0 when asked to stop (a signal, the launcher's
+    death), 2 on a non-finite loss or gradient under `train.nonfinite: stop`."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Hook:
@@ -50,7 +64,16 @@ def endless(sampler):
 def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hooks=(), writer=None,
           resume: Path | None = None, joint=None) -> dict:
     """`joint` (a `JointStep`) makes every optimizer step take grad_accum batches of each task and weight
-    their encoder gradients once, by the strategy; without it each micro-step trains one task."""
+    their encoder gradients once, by the strategy; without it each micro-step trains one task.
+
+    SIGTERM, SIGINT or the launcher's death end training after the current optimizer step with a
+    checkpoint (`TrainingStopped`, exit code 0); so does a non-finite loss or gradient under
+    `train.nonfinite: stop` (exit code 2)."""
+    with StopRequest(dist.launcher) as stop:
+        return _train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, resume, joint, stop)
+
+
+def _train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, resume, joint, stop) -> dict:
     steps = total_steps(cfg, sampler)
     eval_every = cfg.train.eval_every or max(1, len(sampler) // cfg.micro_batches_per_step())
     # A joint step weights the per-task gradients of the whole step, so it takes all its batches at once.
@@ -69,6 +92,9 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
     model.train()
 
     meter = _Meter(list(tasks), dist.device)
+    # fp16 gradients overflow routinely; the loss scaler skips those steps itself, so only losses count.
+    check = _StepCheck(model, dist, stop, grads=cfg.train.precision != "fp16")
+    skipped = 0
     t_start, total_samples, eval_time = time.perf_counter(), 0, 0.0
     bar = tqdm(total=steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     trace = _open_trace(out, dist) if cfg.train.trace else None
@@ -86,10 +112,11 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
             for task, batch, weight in passes:
                 with engine.autocast():
                     loss = engine(task, batch, weight)
-                engine.backward(loss)
+                with check.watch(task, loss):
+                    engine.backward(loss)
                 for h in hooks:
                     h.on_backward(step, task, engine)
-                engine.step()
+                engine.step(skip=engine.at_boundary() and check.step_failed())
                 n = batch["input_ids"].shape[0] // batch["n_texts"] * dist.world_size
                 meter.add(task, loss, n)
                 total_samples += n
@@ -97,28 +124,116 @@ def train(cfg: Config, out: Path, model, tasks: dict, sampler, engine, dist, hoo
         bar.update(1)
         for h in hooks:
             h.on_step(step, engine)
+        if check.bad_task is not None:
+            # The step was not applied: weights and optimizer state are still those after step - 1.
+            skipped += 1
+            if writer is not None:
+                writer.add_scalar("train/nonfinite_skipped", skipped, step)
+            where = f"non-finite loss or gradient in task {check.bad_task!r} at step {step}"
+            if cfg.train.nonfinite == "stop":
+                saved = _save(cfg, out, engine, sampler, joint, dist, step, best, force=True)
+                _close(bar, trace, hooks, writer)
+                raise TrainingStopped(f"{where}; the step was not applied. The weights in {saved} are those "
+                                      f"after step {step - 1}. Check that task's data and the learning rate; "
+                                      "--resume auto continues after this batch, --train.nonfinite=skip skips "
+                                      "such steps.", exit_code=2)
+            if dist.is_main:
+                log.warning("%s: optimizer step skipped (%d so far)", where, skipped)
 
         if step % cfg.train.log_every == 0 or step == steps:
             meter.log(step, writer, bar, engine.lrs())
 
+        saved = None
         if step % eval_every == 0 or step == steps:
             t_eval = time.perf_counter()
             best = _evaluate_and_keep_best(cfg, out, model, tasks, dist, writer, step, best)
             meter.restart_clock()  # evaluation time is not training throughput
             eval_time += time.perf_counter() - t_eval
-            if cfg.train.save_checkpoints:
-                client = {"step": step, "best": best, "sampler": sampler.state_dict()}
-                if joint is not None:
-                    client["strategy"] = joint.state_dict()
-                checkpoint.save(engine, out / "checkpoints", step, client, dist)
+            saved = _save(cfg, out, engine, sampler, joint, dist, step, best)
+        if check.stop_reason is not None and step < steps:
+            saved = saved or _save(cfg, out, engine, sampler, joint, dist, step, best, force=True)
+            _close(bar, trace, hooks, writer)
+            raise TrainingStopped(f"stopped after step {step} of {steps} ({check.stop_reason}); checkpoint {saved}. "
+                                  "To continue, run the same command with --resume auto (same --out).",
+                                  exit_code=0)
+    _close(bar, trace, hooks, writer)
+    wall = time.perf_counter() - t_start
+    return {"best": best, "steps": step, "wall_time_s": wall, "eval_time_s": eval_time,
+            "samples_per_s": total_samples / max(1e-9, wall - eval_time), "nonfinite_skipped": skipped}
+
+
+def _save(cfg, out, engine, sampler, joint, dist, step, best, force=False) -> Path | None:
+    """A checkpoint of the loop's state after `step` (collective); `force` writes one even when
+    `train.save_checkpoints` is off, for a run that stops early."""
+    if not (cfg.train.save_checkpoints or force):
+        return None
+    client = {"step": step, "best": best, "sampler": sampler.state_dict()}
+    if joint is not None:
+        client["strategy"] = joint.state_dict()
+    return checkpoint.save(engine, out / "checkpoints", step, client, dist)
+
+
+def _close(bar, trace, hooks, writer) -> None:
     bar.close()
     if trace is not None:
         trace.close()
     for h in hooks:
         h.close()
-    wall = time.perf_counter() - t_start
-    return {"best": best, "steps": step, "wall_time_s": wall, "eval_time_s": eval_time,
-            "samples_per_s": total_samples / max(1e-9, wall - eval_time)}
+    if writer is not None:
+        writer.flush()  # a stopped run's last scalars must reach the disk
+
+
+class _StepCheck:
+    """Per optimizer step: did a micro-batch produce a non-finite loss or gradient, and did any rank
+    ask to stop?
+
+    Gradients are checked by hooks on the parameters as backward produces them, before an engine
+    reduces or partitions them, so the same check serves every engine and ZeRO stage, and the first
+    micro-batch whose loss or gradient is non-finite names the task. The flags stay on the device;
+    `step_failed()` at the step boundary is the step's one host sync, an all-reduce (MAX) of the flags
+    and of the stop request, so every rank skips, or stops, at the same step.
+    """
+
+    def __init__(self, model, dist, stop: StopRequest, grads: bool = True):
+        self.dist, self.request = dist, stop
+        self.device = dist.device
+        self.watching = False
+        self.grad_sum = torch.zeros((), device=self.device)
+        self.flags: list[torch.Tensor] = []
+        self.tasks: list[str] = []
+        self.bad_task: str | None = None  # results of the last step_failed()
+        self.stop_reason: str | None = None
+        if grads:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.register_hook(self._on_grad)
+
+    def _on_grad(self, grad: torch.Tensor) -> None:
+        # A sum is finite exactly when every term is (or when finite terms overflow, which is as bad), and
+        # is one cheap reduction per parameter. Gradients computed outside `watch` (the probe, the joint
+        # strategy's Gram) are not this step's update.
+        if self.watching:
+            self.grad_sum += grad.detach().sum(dtype=torch.float32)
+
+    @contextlib.contextmanager
+    def watch(self, task: str, loss: torch.Tensor):
+        self.grad_sum.zero_()
+        self.watching = True
+        try:
+            yield
+        finally:
+            self.watching = False
+        self.tasks.append(task)
+        self.flags.append(~torch.isfinite(loss.detach().float()).all() | ~torch.isfinite(self.grad_sum))
+
+    def step_failed(self) -> bool:
+        stop_here = torch.tensor([self.request.reason is not None], device=self.device)
+        flags = self.dist.any(torch.cat([stop_here, torch.stack(self.flags)]).int()).tolist()
+        bad = [t for t, f in zip(self.tasks, flags[1:]) if f]
+        self.bad_task = bad[0] if bad else None
+        self.stop_reason = (self.request.reason or "another rank was asked to stop") if flags[0] else None
+        self.flags, self.tasks = [], []
+        return self.bad_task is not None
 
 
 class _Meter:

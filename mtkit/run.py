@@ -86,7 +86,8 @@ def run(cfg: Config, out: str | Path, resume: str | None = None, overwrite: bool
     ("auto" or a checkpoint folder) continues it or `overwrite` clears it first."""
     out = Path(out)
     # DeepSpeed needs a process group even for one process; engine_name on one rank says if it is chosen.
-    dist = init_distributed(cfg.train.device, group=engine_name(cfg, Dist()) == "deepspeed")
+    dist = init_distributed(cfg.train.device, cfg.train.collective_timeout_s, cfg.train.barrier_timeout_s,
+                            group=engine_name(cfg, Dist()) == "deepspeed")
     start = open_run_folder(out, cfg, resume, overwrite, allow_config_change, dist)
     started = time.time()
     tokenizer, tasks, model = build(cfg, dist)
@@ -126,6 +127,7 @@ def run(cfg: Config, out: str | Path, resume: str | None = None, overwrite: bool
         "train_time_s": result["wall_time_s"],
         "eval_time_s": result["eval_time_s"],
         "train_samples_per_s": result.get("samples_per_s"),
+        "nonfinite_skipped": result["nonfinite_skipped"],
         "engine": name,
         "zero_stage": getattr(engine, "zero_stage", None),
         "world_size": dist.world_size,

@@ -15,7 +15,10 @@ class Engine:
     """backward/step/save/load over a module whose parameters come in named groups.
 
     `step()` is called once per micro-batch; the engine applies the optimizer every
-    `cfg.micro_batches_per_step()` micro-batches and returns True when it did.
+    `cfg.micro_batches_per_step()` micro-batches and returns True when it did. `step(skip=True)` at that
+    boundary drops the accumulated gradients instead: weights and optimizer state stay as they were,
+    and the learning-rate schedule advances as if the step had been taken, so it stays a function of
+    the loop's step count.
     """
 
     module: torch.nn.Module
@@ -31,7 +34,11 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def step(self) -> bool:
+    def at_boundary(self) -> bool:
+        """Whether the next `step()` applies the optimizer."""
+        raise NotImplementedError
+
+    def step(self, skip: bool = False) -> bool:
         raise NotImplementedError
 
     def lrs(self) -> dict[str, float]:

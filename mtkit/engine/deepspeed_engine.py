@@ -57,6 +57,9 @@ class DeepSpeedEngine(Engine):
         self.optimizer = GroupMaskedAdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambdas(cfg, groups, total_steps))
         self.config = deepspeed_config(cfg, dist.world_size)
+        # Ranks load and tokenize their data at their own pace: wait for the slowest here, under the long
+        # barrier timeout, rather than in DeepSpeed's first broadcast, which the collective timeout bounds.
+        dist.barrier()
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=model.to(self.device), optimizer=self.optimizer, lr_scheduler=scheduler,
             config=self.config, dist_init_required=False)
@@ -77,15 +80,25 @@ class DeepSpeedEngine(Engine):
     def backward(self, loss):
         self.ds.backward(loss)
 
-    def step(self) -> bool:
+    def at_boundary(self) -> bool:
+        return self.ds.is_gradient_accumulation_boundary()
+
+    def step(self, skip: bool = False) -> bool:
         boundary = self.ds.is_gradient_accumulation_boundary()
         if boundary:
-            active = active_groups(self.module, self._seen)
+            # DeepSpeed has no way to skip a step of a client optimizer. With every group inactive the
+            # optimizer touches nothing, whichever of DeepSpeed's paths (ZeRO 0/1/2, bf16) calls it, and
+            # DeepSpeed clears the gradients after the step as usual.
+            active = set() if skip else active_groups(self.module, self._seen)
             for g in self.optimizer.param_groups:
                 g["active"] = g["name"] in active
             self._seen = set()
         self.ds.step()
-        return boundary
+        if boundary and skip and not self.ds.was_step_applied():
+            # DeepSpeed saw the non-finite gradient norm itself (ZeRO 1/2, its bf16 optimizer at stage 0) and
+            # skipped the step, lr schedule included; advance the schedule as the torch engine does.
+            self.scheduler.step()
+        return boundary and not skip
 
     def lrs(self):
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,9 +40,21 @@ class TorchEngine(Engine):
     def backward(self, loss):
         self.scaler.scale(loss / self.accum).backward()
 
-    def step(self) -> bool:
+    def at_boundary(self) -> bool:
+        return (self.micro + 1) % self.accum == 0
+
+    def step(self, skip: bool = False) -> bool:
         self.micro += 1
         if self.micro % self.accum:
+            return False
+        if skip:
+            # No scaler.update(): it needs the inf checks of an unscale_ or scaler.step in this step.
+            # (The scheduler's warning about stepping before the optimizer concerns schedules that step
+            # once before training; ours is a function of the step count.)
+            self.optimizer.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
+                self.scheduler.step()
             return False
         if self.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)

@@ -1,0 +1,267 @@
+"""Interruption, for real: signals to a training process, to one DeepSpeed rank, to the launcher's process
+group; the launcher killed; a rank killed or hung. Progress is detected by watching the run folder, never
+by sleeping; every launch runs in its own session and is killed with all its processes if a test fails."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import REPO, write_toy_data
+from distributed_util import env, free_port, shm_workspaces, train
+from mtkit.distributed import StopRequest, init_distributed
+from test_smoke import scalars
+
+DEADLINE_S = 300  # generous: the 2-core test machine is shared; a launch takes minutes to start there
+ENDLESS = "--train.max_steps=100000"  # runs until stopped; tests resume it with a finite max_steps
+
+
+def common(root: Path, cache: Path) -> list[str]:
+    # Constant lr without warm-up: the schedule does not depend on max_steps, so a run stopped at step s
+    # and resumed with max_steps = s + k must equal a run of s + k steps. Losses logged at every step.
+    return [f"--data.root={root}", f"--data.cache_dir={cache}", "--diagnostics.mode=off", "--train.log_every=1",
+            "--train.eval_every=4", "--optim.lr_schedule=constant", "--optim.warmup_ratio=0"] + [
+        f"--tasks.{t}.{k}=none" for t in ("sst", "quora", "sts") for k in ("max_train", "max_eval")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("interrupt")
+    return write_toy_data(tmp / "data"), tmp / "cache"
+
+
+class Launch:
+    """A command in its own session, output in files; `close()` kills whatever of it is still alive."""
+
+    def __init__(self, cmd: list[str], logs: Path, extra_env: dict | None = None):
+        logs.mkdir(parents=True, exist_ok=True)
+        self.out, self.err = open(logs / "stdout", "w+"), open(logs / "stderr", "w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, cwd=REPO,
+                                     env={**env(), **(extra_env or {})}, start_new_session=True)
+        self.seen: set[int] = {self.proc.pid}
+
+    def output(self) -> str:
+        self.out.flush(), self.err.flush()
+        self.out.seek(0), self.err.seek(0)
+        return self.out.read() + self.err.read()
+
+    def processes(self) -> list[psutil.Process]:
+        """The launch and every process it started (remembered, so orphans are found too)."""
+        with contextlib.suppress(psutil.Error):
+            self.seen |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+        alive = []
+        for pid in self.seen:
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        return alive
+
+    def rank(self, r: int) -> psutil.Process:
+        return next(p for p in self.processes() if f"--local_rank={r}" in p.cmdline())
+
+    def wait_for(self, condition, what: str, deadline_s: float = DEADLINE_S) -> None:
+        deadline = time.monotonic() + deadline_s
+        while not condition():
+            self.processes()  # keep track of children while they live
+            if self.proc.poll() is not None:
+                pytest.fail(f"exited ({self.proc.returncode}) before {what}:\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} after {deadline_s} s:\n{self.output()[-4000:]}")
+            time.sleep(0.1)
+
+    def wait_gone(self, deadline_s: float) -> None:
+        deadline = time.monotonic() + deadline_s
+        while self.processes():
+            if time.monotonic() > deadline:
+                pytest.fail(f"still running after {deadline_s} s: {self.processes()}\n{self.output()[-4000:]}")
+            time.sleep(0.2)
+        self.proc.wait()
+
+    def close(self) -> None:
+        for p in self.processes():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.out.close(), self.err.close()
+
+
+@contextlib.contextmanager
+def launch(cmd: list[str], logs: Path, extra_env: dict | None = None):
+    run = Launch(cmd, logs, extra_env)
+    try:
+        yield run
+    finally:
+        run.close()
+
+
+def deepspeed_cmd(out: Path, *args: str, port: int) -> list[str]:
+    return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port),
+            "launchers/train.py", "--config", "configs/debug_tiny.yaml", "--out", str(out), *args]
+
+
+def has_checkpoint(out: Path):
+    return lambda: (out / "checkpoints" / "latest").exists()
+
+
+def stop_step(out: Path, ranks: int = 1) -> int:
+    """The step of the checkpoint `latest` names, after checking it is complete for every rank."""
+    name = (out / "checkpoints" / "latest").read_text().strip()
+    step = int(name.removeprefix("step_"))
+    for r in range(ranks):
+        client = torch.load(out / "checkpoints" / name / f"client_rank{r}.pt", weights_only=False)["client"]
+        assert client["step"] == step
+    return step
+
+
+# ---------------------------------------------------------------- one process
+
+def test_stop_request_keeps_the_first_signal_and_restores_the_handlers():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        assert stop.reason is None
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGINT)  # e.g. the DeepSpeed launcher forwarding a second signal
+        assert stop.reason == "SIGTERM"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(data, tmp_path):
+    args = common(*data)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "launchers/train.py", "--config", "configs/debug_tiny.yaml", "--out", str(out), *args]
+    with launch([*cmd, ENDLESS], tmp_path / "logs") as run:
+        run.wait_for(has_checkpoint(out), "first checkpoint")
+        run.proc.send_signal(signal.SIGTERM)
+        run.proc.send_signal(signal.SIGINT)  # a second signal while stopping changes nothing
+        assert run.proc.wait(DEADLINE_S) == 0, run.output()[-4000:]
+        output = run.output()
+    s = stop_step(out)
+    # Pending together, the signals are delivered in signal-number order: either one names the stop.
+    assert re.search(f"stopped after step {s} of 100000 \\((SIGTERM|SIGINT)\\)", output), output[-2000:]
+    assert "--resume auto" in output
+    assert not (out / "results.json").exists()  # a stopped run is not a finished one
+
+    train(out, *args, f"--train.max_steps={s + 3}", ranks=1, resume="auto")
+    reference = tmp_path / "reference"
+    train(reference, *args, f"--train.max_steps={s + 3}", ranks=1)
+    assert json.loads((out / "results.json").read_text())["steps"] == s + 3
+    assert scalars(out, "train/loss/") == scalars(reference, "train/loss/")  # every step, before and after s
+    digests = [json.loads((d / "results.json").read_text())["rank_weight_digests"] for d in (out, reference)]
+    assert digests[0] == digests[1]
+
+
+# ---------------------------------------------------------------- timeouts
+
+def _timeout_worker(rank: int, port: int, out_dir: str) -> None:
+    out = Path(out_dir)
+    (out / f"started{rank}").touch()  # start the rendezvous together: its wait is bounded by the timeout too
+    while not all((out / f"started{r}").exists() for r in (0, 1)):
+        time.sleep(0.05)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    dist = init_distributed("cpu", timeout_s=5, barrier_timeout_s=120)
+    if rank == 0:
+        time.sleep(7)  # alone for longer than the collective timeout, as when writing the best model
+    dist.barrier()      # ...and the barrier waits for it
+    if rank == 0:
+        start = time.monotonic()
+        try:  # rank 1 hangs (below) and never joins this all-reduce
+            dist.any(torch.ones(1, dtype=torch.int32))
+            result = {"error": None}
+        except RuntimeError as e:
+            result = {"error": str(e), "waited_s": time.monotonic() - start}
+        torch.save(result, out / "rank0.pt")
+    while not (out / "rank0.pt").exists():
+        time.sleep(0.05)
+    os._exit(0)  # skip process-group teardown after a timed-out collective
+
+
+def test_collectives_time_out_but_barriers_wait_for_a_slow_rank(tmp_path):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        ctx = mp.start_processes(_timeout_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("workers hung")
+    result = torch.load(tmp_path / "rank0.pt")
+    assert result["error"] and "Timed out" in result["error"], result
+    assert result["waited_s"] < 120  # the collective's own timeout ended the wait, not the barrier's
+
+
+# ---------------------------------------------------------------- DeepSpeed, 2 ranks
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["rank1", "group"])
+def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(target, data, tmp_path):
+    args = [*common(*data), "--train.batch_size=8"]
+    out, port = tmp_path / "run", free_port()
+    with launch(deepspeed_cmd(out, *args, ENDLESS, port=port), tmp_path / "logs") as run:
+        run.wait_for(has_checkpoint(out), "first checkpoint")
+        if target == "rank1":
+            run.rank(1).send_signal(signal.SIGTERM)  # rank 0 learns of it through the step's all-reduce
+            assert run.proc.wait(DEADLINE_S) == 0, run.output()[-4000:]
+        else:
+            # Ctrl-C in a terminal or a scheduler: every process of the launch gets the signal, and
+            # DeepSpeed's launch.py sends its ranks a second one. The `deepspeed` command itself has no
+            # handler and dies of it; the ranks checkpoint and exit 0 before launch.py's 30 s grace ends.
+            os.killpg(run.proc.pid, signal.SIGTERM)
+            run.wait_gone(DEADLINE_S)
+        output = run.output()
+    s = stop_step(out, ranks=2)
+    assert f"stopped after step {s} of 100000" in output and "--resume auto" in output
+    assert not shm_workspaces(port)
+    if target == "rank1":  # the stop checkpoint resumes under DeepSpeed like any other
+        train(out, *args, f"--train.max_steps={s + 2}", resume="auto")
+        r = json.loads((out / "results.json").read_text())
+        assert r["steps"] == s + 2 and r["rank_weight_digests"][0] == r["rank_weight_digests"][1]
+
+
+@pytest.mark.slow
+def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(data, tmp_path):
+    out = tmp_path / "run"
+    with launch(deepspeed_cmd(out, *common(*data), "--train.batch_size=8", ENDLESS, port=free_port()),
+                tmp_path / "logs") as run:
+        run.wait_for(has_checkpoint(out), "first checkpoint")
+        ranks = [run.rank(0), run.rank(1)]
+        # Only the `deepspeed` command: DeepSpeed's launch.py under it neither notices nor stops its ranks.
+        run.proc.kill()
+        run.wait_gone(120)  # the ranks poll their launcher chain every second, then finish a step and save
+        output = run.output()
+    assert all(not r.is_running() for r in ranks)
+    s = stop_step(out, ranks=2)
+    # The stop came from a rank's launcher watch: nothing else signalled the ranks.
+    assert f"stopped after step {s} of 100000 (" in output
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_other(data, tmp_path):
+    # Ranks started by hand, as torchrun would: no launcher cleans up after the dead rank, so the survivor
+    # must end on its own, through the closed connections (a hung rank: the collective timeout, above).
+    out, port = tmp_path / "run", free_port()
+    cmd = [sys.executable, "launchers/train.py", "--config", "configs/debug_tiny.yaml", "--out", str(out),
+           *common(*data), "--train.batch_size=8", ENDLESS]
+    world = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    with launch(cmd, tmp_path / "rank0", {**world, "RANK": "0", "LOCAL_RANK": "0"}) as rank0, \
+            launch(cmd, tmp_path / "rank1", {**world, "RANK": "1", "LOCAL_RANK": "1"}) as rank1:
+        rank0.wait_for(has_checkpoint(out), "first checkpoint")
+        rank1.proc.kill()
+        rank1.proc.wait()
+        rank0.wait_gone(60 + 30)
+        assert rank0.proc.returncode != 0
