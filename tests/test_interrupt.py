@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import REPO, write_toy_data
-from distributed_util import env, free_port, shm_workspaces, train
+from distributed_util import env, launch_port, shm_workspaces, train
 from mtkit.distributed import StopRequest, init_distributed
 from test_smoke import scalars
 
@@ -192,7 +192,7 @@ def _timeout_worker(rank: int, port: int, out_dir: str) -> None:
 def test_collectives_time_out_but_barriers_wait_for_a_slow_rank(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
-        ctx = mp.start_processes(_timeout_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False,
+        ctx = mp.start_processes(_timeout_worker, args=(launch_port(), str(tmp_path)), nprocs=2, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
@@ -211,7 +211,7 @@ def test_collectives_time_out_but_barriers_wait_for_a_slow_rank(tmp_path):
 @pytest.mark.parametrize("target", ["rank1", "group"])
 def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(target, data, tmp_path):
     args = [*common(*data), "--train.batch_size=8"]
-    out, port = tmp_path / "run", free_port()
+    out, port = tmp_path / "run", launch_port()
     with launch(deepspeed_cmd(out, *args, ENDLESS, port=port), tmp_path / "logs") as run:
         run.wait_for(has_checkpoint(out), "first checkpoint")
         if target == "rank1":
@@ -236,7 +236,7 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(target, dat
 @pytest.mark.slow
 def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(data, tmp_path):
     out = tmp_path / "run"
-    with launch(deepspeed_cmd(out, *common(*data), "--train.batch_size=8", ENDLESS, port=free_port()),
+    with launch(deepspeed_cmd(out, *common(*data), "--train.batch_size=8", ENDLESS, port=launch_port()),
                 tmp_path / "logs") as run:
         run.wait_for(has_checkpoint(out), "first checkpoint")
         ranks = [run.rank(0), run.rank(1)]
@@ -254,7 +254,7 @@ def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(data, tmp_path
 def test_a_killed_rank_ends_the_other(data, tmp_path):
     # Ranks started by hand, as torchrun would: no launcher cleans up after the dead rank, so the survivor
     # must end on its own, through the closed connections (a hung rank: the collective timeout, above).
-    out, port = tmp_path / "run", free_port()
+    out, port = tmp_path / "run", launch_port()
     cmd = [sys.executable, "launchers/train.py", "--config", "configs/debug_tiny.yaml", "--out", str(out),
            *common(*data), "--train.batch_size=8", ENDLESS]
     world = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
