@@ -25,6 +25,8 @@ from test_smoke import scalars
 
 DEADLINE_S = 300  # generous: the 2-core test machine is shared; a launch takes minutes to start there
 ENDLESS = "--train.max_steps=100000"  # runs until stopped; tests resume it with a finite max_steps
+# ...which changes a setting, so the resume says so (constant lr, no warmup: the run stays exact).
+FINITE = "--allow-config-change"
 
 
 def common(root: Path, cache: Path) -> list[str]:
@@ -155,7 +157,7 @@ def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(data
     assert "--resume auto" in output
     assert not (out / "results.json").exists()  # a stopped run is not a finished one
 
-    train(out, *args, f"--train.max_steps={s + 3}", ranks=1, resume="auto")
+    train(out, *args, f"--train.max_steps={s + 3}", FINITE, ranks=1, resume="auto")
     reference = tmp_path / "reference"
     train(reference, *args, f"--train.max_steps={s + 3}", ranks=1)
     assert json.loads((out / "results.json").read_text())["steps"] == s + 3
@@ -228,7 +230,7 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(target, dat
     assert f"stopped after step {s} of 100000" in output and "--resume auto" in output
     assert not shm_workspaces(port)
     if target == "rank1":  # the stop checkpoint resumes under DeepSpeed like any other
-        train(out, *args, f"--train.max_steps={s + 2}", resume="auto")
+        train(out, *args, f"--train.max_steps={s + 2}", FINITE, resume="auto")
         r = json.loads((out / "results.json").read_text())
         assert r["steps"] == s + 2 and r["rank_weight_digests"][0] == r["rank_weight_digests"][1]
 
