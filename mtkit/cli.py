@@ -24,8 +24,7 @@ import fire
 
 from mtkit import config as config_mod
 from mtkit import progress
-from mtkit.args import parse as parse_train  # noqa: F401  (the parser behind `mtkit train`)
-from mtkit.args import train_main
+from mtkit.args import parse as parse_train, train_main  # noqa: F401  (parse_train: `mtkit train`'s parser)
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
