@@ -2,7 +2,8 @@
 
 `load("configs/x.yaml", {"train.seed": "3", "tasks.sst.lr": "1e-3"})` returns a `Config`. Unknown keys
 and wrong types fail fast with the file, the YAML line and the list of valid keys, before any model is
-built. Tasks are addressed by name in overrides (`tasks.<name>.<field>`).
+built. Tasks are addressed by name in overrides (`tasks.<name>.<field>`). A YAML file may start from
+another with `base: other.yaml` (see `_read_config`); `keys_help()` is the key list of `mtkit train --help`.
 """
 from __future__ import annotations
 
