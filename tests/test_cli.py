@@ -161,3 +161,24 @@ def test_quiet_hides_the_bars_and_info_logs_and_changes_nothing_else(tmp_path):
     assert "INFO mtkit: resume auto: no checkpoint" in loud.stderr
     assert "%|" not in quiet.stderr and "INFO" not in quiet.stderr
     assert json.loads(quiet.stdout)["dev"] == json.loads(loud.stdout)["dev"]
+
+
+@pytest.mark.slow
+def test_a_deepspeed_json_batch_that_disagrees_with_the_launch_stops_it(tmp_path):
+    # 16 per rank, one micro batch: a train_batch_size of 16 passes validation (one rank could give it) but
+    # not a 2-rank launch, which gives 32; every rank stops with the message instead of training on 32.
+    from pathlib import Path
+
+    from distributed_util import launch, shm_workspaces
+    data = write_toy_data(tmp_path / "data")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 16, "zero_optimization": {"stage": 1}}))
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    proc, port = launch(lambda port: [
+        str(deepspeed), "--num_gpus", "2", "--master_port", str(port), "launchers/train.py", "--config", TINY,
+        "--out", str(tmp_path / "o"), f"--deepspeed.config={ds}", f"--data.root={data}",
+        f"--data.cache_dir={tmp_path / 'cache'}", "--train.max_steps=2", "--diagnostics.mode=off"])
+    assert proc.returncode != 0
+    assert (f"error: {ds}: train_batch_size = 16, but mtkit's train.batch_size = 16 x train.grad_accum = 1 x "
+            "2 rank(s) makes it 32; set it to \"auto\"") in proc.stdout + proc.stderr
+    assert not shm_workspaces(port)
