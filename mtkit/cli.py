@@ -1,33 +1,44 @@
-"""`mtkit` command line (fire): train, eval, export, config, diagnose, clean_shm.
+"""`mtkit` command line: train, eval, export, config, diagnose, clean_shm (`mtkit --help` lists them).
 
     mtkit train --config configs/debug_tiny.yaml --out runs/tiny --train.seed=3 --tasks.sst.lr=1e-3
-    mtkit train --config ... --out DIR --resume auto   # continue; --overwrite: start over
-    mtkit eval RUN_DIR [--split dev] [--checkpoint RUN_DIR/checkpoints/step_N]
+    mtkit train --config ... --out DIR --resume auto   # continue; --overwrite: start over; --quiet
+    mtkit eval RUN_DIR [--split dev] [--checkpoint RUN_DIR/checkpoints/step_N] [--quiet]
     mtkit config configs/x.yaml [--a.b=value ...]     # print the resolved config
     mtkit export RUN_DIR [--out DIR] [--normalize] [--push-to-hub USER/REPO [--private]]
     mtkit diagnose RUN_DIR
     mtkit clean_shm                                   # free DeepSpeed memory leaked by dead launches
 
-Overrides are dotted config keys. fire pre-parses values (`--x=1.10` arrives as 1.1, `--a=b,c` as a
-tuple); they are re-typed against the config dataclasses, so only string fields that look like numbers
-need quoting (`--name="'1.10'"`).
+`mtkit train` is `launchers/train.py`: one exact argparse parser (`mtkit.args`) whose `--help` lists every
+config key. The other commands go through fire, which is handy for calling one function while debugging in
+a single process; their config overrides (`--a.b=value`, on eval and config) are taken out of the command
+line before fire sees it and reach the config exactly as typed, as train's do.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import sys
 from pathlib import Path
 
 import fire
 
 from mtkit import config as config_mod
+from mtkit import progress
+from mtkit.args import parse as parse_train, train_main  # noqa: F401  (parse_train: `mtkit train`'s parser)
 
 
-def _overrides(kwargs: dict) -> dict:
-    kwargs.pop("local_rank", None)  # appended by the deepspeed launcher; LOCAL_RANK is read from the env
-    return {k.replace("-", "_") if "." not in k else k: list(v) if isinstance(v, tuple) else v
-            for k, v in kwargs.items()}
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(the other arguments, the config overrides): `--KEY=VALUE` whose KEY starts with a config section
+    (or is `name`), kept as the typed string, as `mtkit train` does."""
+    sections = {f.name for f in dataclasses.fields(config_mod.Config)}
+    rest, overrides = [], {}
+    for item in argv:
+        key, eq, value = item[2:].partition("=")
+        if item.startswith("--") and eq and key.split(".")[0] in sections:
+            overrides[key] = value
+        else:
+            rest.append(item)
+    return rest, overrides
 
 
 def _fail(e: Exception) -> None:
@@ -38,33 +49,22 @@ def _fail(e: Exception) -> None:
 class CLI:
     """Multi-task fine-tuning of sentence encoders with gradient-conflict diagnostics."""
 
-    def train(self, config: str, out: str = "runs/run", resume: str | None = None, overwrite: bool = False,
-              allow_config_change: bool = False, **overrides):
-        """Train a run or a pipeline config into OUT. An OUT that holds a run is refused: `--resume auto`
-        continues it from the latest checkpoint (refusing changed settings unless --allow-config-change),
-        `--overwrite` deletes it and starts over."""
-        from mtkit.checkpoint import RunFolderError
-        from mtkit.loop import TrainingStopped
-        from mtkit.pipeline import run_any
-        from mtkit.tasks import DataError
-        try:
-            results = run_any(config, out, _overrides(overrides), resume, overwrite, allow_config_change)
-        except (config_mod.ConfigError, DataError, RunFolderError, OSError) as e:
-            _fail(e)
-        except TrainingStopped as e:
-            print(("error: " if e.exit_code else "") + str(e), file=sys.stderr)
-            sys.exit(e.exit_code)
-        print(json.dumps({"dev": results["dev"], "out": str(out)}, indent=2))
+    def __init__(self, overrides: dict[str, str] | None = None):
+        self._overrides = overrides or {}  # config overrides taken out of the command line (split_overrides)
 
-    def eval(self, run_dir: str, split: str = "dev", checkpoint: str | None = None, **overrides):
-        """Re-evaluate a run's best model (or CHECKPOINT: a model.pt or a checkpoint folder) on SPLIT."""
+    def eval(self, run_dir: str, split: str = "dev", checkpoint: str | None = None, quiet: bool = False):
+        """Re-evaluate a run's best model (or CHECKPOINT: a model.pt or a checkpoint folder) on SPLIT.
+
+        Config overrides (--a.b=value) apply on top of the run's config; --quiet: no bars, no INFO logs."""
+        if quiet:
+            progress.setup_logging(True)
         from mtkit.checkpoint import RunFolderError, model_weights
         from mtkit.distributed import init_distributed
         from mtkit.evaluate import evaluate
         from mtkit.run import best_weights, build, read_run_config
         run_dir = Path(run_dir)
         try:
-            cfg = read_run_config(run_dir, _overrides(overrides))
+            cfg = read_run_config(run_dir, self._overrides)
             weights = model_weights(Path(checkpoint)) if checkpoint else best_weights(run_dir)
             dist = init_distributed(cfg.train.device)
             _, tasks, model = build(cfg, dist)
@@ -83,10 +83,12 @@ class CLI:
 
     def export(self, run_dir: str, out: str | None = None, checkpoint: str | None = None, normalize: bool = False,
                push_to_hub: str | None = None, private: bool = False, group: str | None = None):
-        """Save a run's best encoder (or CHECKPOINT's) as a sentence-transformers folder with a model card
-        (default RUN_DIR/encoder); --normalize adds unit-length normalisation. --push-to-hub REPO uploads
-        it to the Hugging Face Hub (--private for a new private repository; --group G picks one task
-        group's encoder when the run has task-specific layers)."""
+        """Save a run's best encoder as a sentence-transformers folder; optionally push it to the Hub.
+
+        The encoder of the best model (or CHECKPOINT's) goes to OUT (default RUN_DIR/encoder) with a model
+        card; --normalize adds unit-length normalisation. --push-to-hub REPO uploads it to the Hugging Face
+        Hub (--private for a new private repository; --group G picks one task group's encoder when the run
+        has task-specific layers)."""
         from mtkit.checkpoint import RunFolderError, model_weights
         from mtkit.distributed import init_distributed
         from mtkit.export import export_encoder
@@ -112,10 +114,10 @@ class CLI:
         except (ValueError, OSError) as e:  # ExportError, and the Hub's errors (bad repo id, HTTP, no token)
             _fail(e)
 
-    def config(self, path: str | None = None, **overrides):
-        """Load, validate and print the resolved config."""
+    def config(self, path: str | None = None):
+        """Load, validate and print the resolved config (base: chain and --a.b=value overrides applied)."""
         try:
-            cfg = config_mod.load(path, _overrides(overrides))
+            cfg = config_mod.load(path, self._overrides)
         except config_mod.ConfigError as e:
             _fail(e)
         print(json.dumps(config_mod.to_dict(cfg), indent=2))
@@ -145,9 +147,33 @@ class CLI:
         print(f"removed {len(removed)} stale DeepSpeed workspace(s), {mib:.0f} MiB")
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    fire.Fire(CLI, name="mtkit")
+def usage() -> str:
+    """The commands with their one-line summaries, from the docstrings."""
+    from mtkit.args import parser
+    commands = {"train": parser("mtkit train").description}
+    commands.update({name: getattr(CLI, name).__doc__.strip().splitlines()[0]
+                     for name in vars(CLI) if not name.startswith("_")})
+    pad = max(map(len, commands))
+    return "\n".join([f"usage: mtkit COMMAND [ARGS]\n\n{CLI.__doc__}\n\ncommands:",
+                      *(f"  {name:<{pad}}  {line}" for name, line in commands.items()),
+                      "\n`mtkit COMMAND --help` shows a command's arguments; `mtkit train --help` also lists "
+                      "every config key\nwith its type, default and allowed values."])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    if argv[0] == "train":
+        train_main(argv[1:], "mtkit train")
+        return
+    if argv[0] not in vars(CLI) or argv[0].startswith("_"):
+        print(f"{usage()}\n\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+        sys.exit(2)
+    rest, overrides = split_overrides(argv[1:]) if argv[0] in ("eval", "config") else (argv[1:], {})
+    progress.setup_logging()
+    fire.Fire(CLI(overrides), command=[argv[0], *rest], name="mtkit")
 
 
 if __name__ == "__main__":

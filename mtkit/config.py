@@ -2,7 +2,8 @@
 
 `load("configs/x.yaml", {"train.seed": "3", "tasks.sst.lr": "1e-3"})` returns a `Config`. Unknown keys
 and wrong types fail fast with the file, the YAML line and the list of valid keys, before any model is
-built. Tasks are addressed by name in overrides (`tasks.<name>.<field>`).
+built. Tasks are addressed by name in overrides (`tasks.<name>.<field>`). A YAML file may start from
+another with `base: other.yaml` (see `_read_config`); `keys_help()` is the key list of `mtkit train --help`.
 """
 from __future__ import annotations
 
@@ -221,7 +222,7 @@ def load(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None
     raw, lines, source = {}, {}, "<defaults>"
     if path is not None:
         source = str(path)
-        raw, lines = _read_yaml(path)
+        raw, lines = _read_config(path)
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value, source)
         lines[key] = "override"
@@ -233,7 +234,7 @@ def load(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None
 
 def is_pipeline(path: str | os.PathLike) -> bool:
     try:
-        raw, _ = _read_yaml(path)
+        raw, _ = _read_config(path)
     except ConfigError:
         return False  # load() reports the problem
     return "stages" in raw
@@ -242,7 +243,7 @@ def is_pipeline(path: str | os.PathLike) -> bool:
 def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
     """A pipeline file; every stage's own config is loaded and validated too, so mistakes surface early."""
     source = str(path)
-    raw, lines = _read_yaml(path)
+    raw, lines = _read_config(path)
     pipe = _build(PipelineConfig, raw, "", _Where(source, lines))
     names = [s.name for s in pipe.stages]
     if not names or len(set(names)) != len(names) or not all(names):
@@ -253,6 +254,52 @@ def load_pipeline(path: str | os.PathLike) -> PipelineConfig:
                               f"earlier stage, one of {names[:i]}")
         load(Path(path).parent / stage.config, stage.overrides)
     return pipe
+
+
+def _read_config(path: str | os.PathLike, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, Any]]:
+    """A YAML config with its `base:` chain resolved: (the merged mapping, dotted key -> (file, line)).
+
+    `base: other.yaml` (relative to the including file) is read first and this file is merged over it:
+    mappings key by key, lists of named mappings (tasks, stages) item by item by `name`, anything else
+    replaced. Each key keeps the file and line its value came from."""
+    raw, numbers = _read_yaml(path)
+    lines: dict[str, Any] = {key: (str(path), line) for key, line in numbers.items()}
+    if "base" not in raw:
+        return raw, lines
+    base, where = raw.pop("base"), f"{path}:{numbers.get('base')}"
+    lines.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{where}: base must name one YAML file (relative to {path}), got {base!r}")
+    base_path, chain = Path(path).parent / base, (*chain, Path(path).resolve())
+    if base_path.resolve() in chain:
+        cycle = chain[chain.index(base_path.resolve()):] + (base_path.resolve(),)
+        raise ConfigError(f"{where}: base: {base} makes a cycle ({' -> '.join(map(str, cycle))}); a config "
+                          "cannot inherit from itself")
+    if not base_path.is_file():
+        raise ConfigError(f"{where}: base file {base_path} not found (base is relative to the including file)")
+    base_raw, base_lines = _read_config(base_path, chain)
+    return _merge(base_raw, raw), {**base_lines, **lines}
+
+
+def _merge(base: Any, over: Any) -> Any:
+    """`over` laid over `base` (see _read_config)."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in over.items()}}
+    if _named_items(base) and _named_items(over):
+        merged = {str(item["name"]): item for item in base}
+        for item in over:
+            name = str(item["name"])
+            merged[name] = _merge(merged[name], item) if name in merged else item
+        return list(merged.values())
+    return over
+
+
+def _named_items(value: Any) -> bool:
+    """A non-empty list of mappings with distinct names (duplicates are left for validation to report)."""
+    if not (isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value)):
+        return False
+    names = [v["name"] for v in value]
+    return len(set(map(str, names))) == len(names)
 
 
 def _read_yaml(path: str | os.PathLike) -> tuple[dict, dict[str, int | str]]:
@@ -388,6 +435,53 @@ def read_deepspeed_json(path: str) -> dict:
     return ds
 
 
+def deepspeed_owned(cfg: Config, world_size: int | None = None) -> dict[str, tuple[Any, str, str]]:
+    """DeepSpeed JSON keys that mtkit's config decides: key -> (value, how the config gives it, the mtkit key
+    to change). train_batch_size needs the world size, known at launch."""
+    steps, t = cfg.micro_batches_per_step(), cfg.train
+    accum = f"train.grad_accum = {t.grad_accum}" + (f" x {len(cfg.tasks)} tasks per joint step"
+                                                  if t.strategy != "none" else "")
+    owned = {
+        "train_micro_batch_size_per_gpu": (t.batch_size, f"train.batch_size = {t.batch_size}", "train.batch_size"),
+        "gradient_accumulation_steps": (steps, accum, "train.grad_accum"),
+        "gradient_clipping": (cfg.optim.max_grad_norm, f"optim.max_grad_norm = {cfg.optim.max_grad_norm}",
+                              "optim.max_grad_norm"),
+        "bf16.enabled": (t.precision == "bf16", f"train.precision = {t.precision!r}", "train.precision"),
+        "fp16.enabled": (t.precision == "fp16", f"train.precision = {t.precision!r}", "train.precision"),
+    }
+    if world_size is not None:
+        owned["train_batch_size"] = (t.batch_size * steps * world_size, f"train.batch_size = {t.batch_size} x "
+                                     f"{accum} x {world_size} rank(s)", "train.batch_size")
+    return owned
+
+
+def deepspeed_conflict(cfg: Config, ds: dict, path: str, world_size: int | None = None) -> str | None:
+    """The first value of a DeepSpeed JSON that contradicts the mtkit config, as an error message, or None.
+    Values mtkit owns may be "auto" (mtkit fills them in, as with accelerate and the HF Trainer), absent, or
+    equal to what the mtkit config gives; anything else would be silently replaced, so it is refused."""
+    for key, (want, how, change) in deepspeed_owned(cfg, world_size).items():
+        block, _, name = key.rpartition(".")
+        node = ds.get(block, {}) if block else ds
+        if not isinstance(node, dict):
+            return f"{path}: {block} must be an object, got {json.dumps(node)}"
+        have = node.get(name, "auto")
+        if isinstance(want, bool):
+            same = have is want
+        else:
+            same = isinstance(have, (int, float)) and not isinstance(have, bool) and have == want
+        if have != "auto" and not same:
+            return (f"{path}: {key} = {json.dumps(have)}, but mtkit's {how} makes it {json.dumps(want)}; set it to "
+                    f'"auto" in the JSON (mtkit fills it in) or change {change}')
+    per_rank = cfg.train.batch_size * cfg.micro_batches_per_step()
+    total = ds.get("train_batch_size", "auto")
+    if world_size is None and total != "auto" and (isinstance(total, bool) or not isinstance(total, int)
+                                                    or total <= 0 or total % per_rank):
+        return (f"{path}: train_batch_size = {json.dumps(total)}, but mtkit's train.batch_size x accumulation "
+                f"gives {per_rank} per rank, so it must be a multiple of {per_rank} (per rank x ranks); set it "
+                'to "auto" in the JSON (mtkit fills it in) or change train.batch_size')
+    return None
+
+
 def encoder_config(model: ModelConfig):
     """The encoder's Hugging Face config with model.arch applied, from local files only (cheap and
     offline); None when it is not on this machine yet (a hub id not downloaded, a pipeline stage's
@@ -455,7 +549,7 @@ def validate(cfg: Config, source: str = "<config>", where: _Where | None = None)
         fail("train.gradvac.beta", cfg.train.gradvac.beta, "use a number in (0, 1]")
     _validate_task_layers(cfg.model, names, fail)
     _validate_encoder(cfg.model, fail, where)
-    _validate_deepspeed(cfg.deepspeed, fail)
+    _validate_deepspeed(cfg, fail)
 
 
 def _validate_task_layers(model: ModelConfig, names: list[str], fail) -> None:
@@ -534,13 +628,18 @@ def _validate_encoder(model: ModelConfig, fail, where: _Where) -> None:
         fail("model.max_length", model.max_length, f"the encoder has {positions} positions ({source})")
 
 
-def _validate_deepspeed(ds: DeepSpeedConfig, fail) -> None:
+def _validate_deepspeed(cfg: Config, fail) -> None:
+    ds = cfg.deepspeed
     if ds.config is None:
         return
     try:
-        stage = read_deepspeed_json(ds.config).get("zero_optimization", {}).get("stage")
+        values = read_deepspeed_json(ds.config)
     except ConfigError as e:
         fail("deepspeed.config", ds.config, str(e))
+    problem = deepspeed_conflict(cfg, values, ds.config)  # the world size is checked at launch
+    if problem:
+        fail("deepspeed.config", ds.config, problem)
+    stage = values.get("zero_optimization", {}).get("stage")
     if ds.zero_stage is None and stage == 3:  # deepspeed.zero_stage, when set, replaces the JSON's stage
         fail("deepspeed.config", ds.config, f"{ds.config} asks for ZeRO stage 3, which is not supported: "
              "diagnostics and per-head isolation need whole parameters on every rank (use 0, 1 or 2, or set "
@@ -564,6 +663,8 @@ class _Where:
             if self.lines.get(".".join(parts[:i])) == "override":
                 return f"override --{'.'.join(parts[:i])}"
         line = self.lines.get(key)
+        if isinstance(line, tuple):  # (file, line): a key of an inherited (base:) file
+            return f"{line[0]}:{line[1]}"
         return f"{self.source}:{line}" if line else self.source
 
 
@@ -687,3 +788,82 @@ def _scalar(tp: type, value: Any, key: str, where: _Where) -> Any:
             raise bad
         return str(value)
     return value
+
+
+# ---------------------------------------------------------------- help
+
+def keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, Any, list | None, str]]:
+    """Every settable key, as (dotted key, type, default, allowed values or None, the field's comment),
+    read from the dataclasses themselves so that `mtkit train --help` cannot drift from them."""
+    from mtkit.tasks.readers import FORMATS
+    allowed = {**CHOICES, "task.format": {"auto", *FORMATS}, "train.predict": set(SPLITS)}
+    hints, comments = typing.get_type_hints(cls), _field_comments(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], prefix + f.name
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if dataclasses.is_dataclass(tp):
+            out += keys(tp, key + ".")
+        elif item is not None and dataclasses.is_dataclass(item):  # tasks, addressed by name
+            out += keys(item, f"{key}.<name>.")
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            choices = allowed.get(key.replace("tasks.<name>.", "task."))
+            out.append((key, tp, default, sorted(choices) if choices else None, comments.get(f.name, "")))
+    return out
+
+
+def keys_help(width: int = 100) -> str:
+    """The config keys as help text: key, type, default, allowed values, and the comment on the field."""
+    import textwrap
+    rows = keys()
+    pad = max(len(key) for key, *_ in rows)
+    lines = []
+    for key, tp, default, choices, comment in rows:
+        head = f"  {key:<{pad}}  {_type_name(tp)} = {_shown(default)}"
+        if choices:
+            head += f"; {'each ' if typing.get_origin(tp) is list else ''}one of {', '.join(choices)}"
+        lines.append(head)
+        if comment and not (choices and set(comment.split(" | ")) == set(choices)):  # not just the choices
+            lines += textwrap.wrap(comment, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args if a is not type(None)) + " | none"
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _shown(value: Any) -> str:
+    """A default as it would be written on the command line."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value)) if value else "[]"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value) if value != "" else '""'
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Field name -> the comment on its line and on the comment-only lines below it, from the source."""
+    import inspect
+    import re
+    comments: dict[str, str] = {}
+    current = None
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        field_line = re.match(r"    (\w+): [^#]*?(?:#\s?(.*))?$", line)
+        if field_line:
+            current = field_line.group(1)
+            comments[current] = (field_line.group(2) or "").strip()
+        elif current and re.match(r"\s{8,}#", line):  # a comment continued on the next line
+            comments[current] = (comments[current] + " " + line.strip().lstrip("#").strip()).strip()
+        else:
+            current = None
+    return comments

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from mtkit import checkpoint
+from mtkit import checkpoint, progress
 from mtkit.config import Config
 from mtkit.data.dataset import batch_for, to_device
 from mtkit.distributed import StopRequest
@@ -96,7 +95,7 @@ def _train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, resume,
     check = _StepCheck(model, dist, stop, grads=cfg.train.precision != "fp16")
     skipped = 0
     t_start, total_samples, eval_time = time.perf_counter(), 0, 0.0
-    bar = tqdm(total=steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
+    bar = progress.bar(desc="train", total=steps, initial=step)  # rank 0 only, silenced by --quiet
     trace = _open_trace(out, dist) if cfg.train.trace else None
     while step < steps:
         if cfg.train.mode == "lp_ft" and step == cfg.train.lp_steps:

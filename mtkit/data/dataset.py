@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mtkit import progress
 from mtkit.config import Config, TaskConfig
 from mtkit.tasks import DataError, Example, get_kind, read_examples
 
@@ -124,7 +125,9 @@ def _load_split(task: TaskConfig, split: str, src: str, fmt: str, columns: dict,
     if not task.joint or task.decoder == "cross_cosine":  # each text on its own
         n_texts = len(get_kind(task.kind).roles)
         flat = [text for ex in examples for text in ex.texts]
-        ids = tokenizer(flat, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        ids = [i for s in progress.bar(range(0, len(flat), 8192), f"tokenize {task.name} {split}")
+               for i in tokenizer(flat[s:s + 8192], truncation=True, max_length=max_length,
+                                  add_special_tokens=True)["input_ids"]]
         tokens = [tuple(ids[i * n_texts:(i + 1) * n_texts]) for i in range(len(examples))]
     if task.joint:  # [CLS] a [SEP] b [SEP] first; the longer text is truncated first
         enc = tokenizer([ex.texts[0] for ex in examples], [ex.texts[1] for ex in examples],

@@ -2,8 +2,9 @@
 
 DeepSpeed gets our client AdamW with the per-head param groups and our client LambdaLR, so per-group
 learning rates survive (DeepSpeed's own WarmupLR would set one lr for every group). Values that the mtkit
-config owns are written into the DeepSpeed JSON here: micro batch, accumulation, clipping and precision
-(`train.precision` wins over the JSON's bf16/fp16 blocks); `deepspeed.zero_stage` overrides the JSON.
+config owns (micro batch, accumulation, global batch, clipping, bf16/fp16) are written into the DeepSpeed
+JSON here; the JSON may leave them out or say "auto", and a different value is a ConfigError rather than
+silently replaced. `deepspeed.zero_stage` overrides the JSON's stage.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mtkit.config import Config, read_deepspeed_json
+from mtkit.config import Config, ConfigError, deepspeed_conflict, deepspeed_owned, read_deepspeed_json
 from mtkit.distributed import release_shm_workspace
 from mtkit.engine.base import Engine, GroupMaskedAdamW, active_groups, lr_lambdas
 
@@ -28,6 +29,9 @@ DEFAULT_ZERO_STAGE = 1
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     ds: dict = read_deepspeed_json(cfg.deepspeed.config) if cfg.deepspeed.config else {}
+    problem = deepspeed_conflict(cfg, ds, str(cfg.deepspeed.config), world_size)
+    if problem:  # validation checked all but the world size
+        raise ConfigError(problem)
     zero = dict(ds.get("zero_optimization", {}))
     if cfg.deepspeed.zero_stage is not None:
         zero["stage"] = cfg.deepspeed.zero_stage
@@ -36,12 +40,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         raise ValueError("ZeRO stage 3 is not supported: diagnostics and per-head isolation need whole "
                          "parameters on every rank")
     ds["zero_optimization"] = zero
-    ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
-    ds["gradient_accumulation_steps"] = cfg.micro_batches_per_step()
-    ds["train_batch_size"] = cfg.train.batch_size * cfg.micro_batches_per_step() * world_size
-    ds["gradient_clipping"] = cfg.optim.max_grad_norm
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
-    ds["fp16"] = {**ds.get("fp16", {}), "enabled": cfg.train.precision == "fp16"}
+    for key, (value, _, _) in deepspeed_owned(cfg, world_size).items():  # fills in "auto" and absent values
+        block, _, name = key.rpartition(".")
+        (ds.setdefault(block, {}) if block else ds)[name] = value
     ds.setdefault("steps_per_print", 10 ** 9)  # mtkit logs; keep DeepSpeed quiet
     # Our client optimizer is AdamW with per-group masking; ZeRO handles any torch optimizer.
     ds["zero_allow_untested_optimizer"] = True
