@@ -6,8 +6,9 @@ and under a forked RNG: training is unchanged bit for bit. With W ranks each ran
 probe batch and the Gram is reduced exactly (see `diagnostics.gram`).
 
 `stream`: no extra backward passes; after each step's backward, that step's task gradient is folded
-into a per-task running average. Cheap and approximate: the averages mix gradients from different
-weights and batches, so treat its cosines as a trend, not a measurement.
+into a per-task running average, in place, parameter by parameter; the Gram is formed only every N
+steps. Cheap and approximate: the averages mix gradients from different weights and batches, so treat
+its cosines as a trend, not a measurement.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from diagnostics.groups import flat_group_ids
 from diagnostics.probe import GradientProbe, StreamTracker
 from diagnostics.writer import DiagnosticsWriter
 from mtkit.data.dataset import batch_for, to_device
@@ -47,7 +47,7 @@ class StreamHook:
         self.tracker, self.every, self.writer = tracker, every, writer
 
     def on_backward(self, step, task, engine):
-        self.tracker.update(task, engine.shared_grad())
+        self.tracker.update(task, engine.shared_grads())
 
     def on_step(self, step, engine):
         if step % self.every == 0:
@@ -89,8 +89,5 @@ def make_hooks(cfg, model, tasks: dict, dist, writer, out: Path) -> list:
         return [ProbeHook(probe, diag_writer)]
     if cfg.train.grad_accum != 1:
         raise ValueError("diagnostics.mode = stream reads each step's gradient; it needs train.grad_accum = 1")
-    names = [n for n, _ in names_params]
-    group_names, ids = flat_group_ids(names, [p.numel() for _, p in names_params])
-    tracker = StreamTracker(task_names, ids, len(group_names), beta=d.stream_beta, group_names=group_names,
-                            seed=cfg.train.seed)
+    tracker = StreamTracker(task_names, names_params, beta=d.stream_beta, seed=cfg.train.seed)
     return [StreamHook(tracker, d.every, diag_writer)]

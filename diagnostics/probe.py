@@ -11,6 +11,7 @@ Two sources of per-task gradients:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -18,9 +19,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .gram import global_group_grams
-from .groups import flat_group_ids
+from .gram import global_group_grams, param_grams
+from .groups import flat_group_ids, group_index
 from .stats import summarize
+
+Grads = list[torch.Tensor | None]  # one entry per parameter; None where it has no gradient
+
+
+def _world_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 class GradientProbe:
@@ -73,9 +80,8 @@ class GradientProbe:
         self.eval_mode = eval_mode
         self.seed = seed
         self.group = group
-        self.group_names, self.group_ids = flat_group_ids(
-            self.names, [p.numel() for p in self.params]
-        )
+        self.group_names, self.param_groups = group_index(self.names)
+        self.group_ids: torch.Tensor | None = None  # per element, built when first needed (multi-rank)
         # Half-precision gradients are widened so the Gram accumulation keeps precision.
         self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
         # PCGrad statistics draw their order from here: same seed on every rank.
@@ -87,33 +93,34 @@ class GradientProbe:
 
     def measure(self, step: int) -> dict:
         """One diagnostics record (see :func:`diagnostics.stats.summarize`) at ``step``."""
-        G = self.task_gradients()  # [T, P]
-        # Moved once: the ids are as long as the parameter vector.
-        self.group_ids = self.group_ids.to(G.device)
-        K = global_group_grams(G, self.group_ids, len(self.group_names), group=self.group)
+        grads = self.parameter_gradients()
+        if _world_size(self.group) == 1:
+            # One process: the Gram is summed parameter by parameter, with no [T, P] copy.
+            K = param_grams(grads, self.param_groups, len(self.group_names))
+        else:
+            G = _flatten(grads, self.params, self.dtype)  # [T, P]
+            if self.group_ids is None:  # as long as the parameter vector: built once
+                self.group_ids = flat_group_ids(self.names, [p.numel() for p in self.params])[1]
+            self.group_ids = self.group_ids.to(G.device)
+            K = global_group_grams(G, self.group_ids, len(self.group_names), group=self.group)
         return summarize(K, self.group_names, self.task_names, step, rng=self.rng)
 
     def task_gradients(self) -> torch.Tensor:
         """This rank's per-task gradients of the shared parameters, flattened.  -> [T, P]."""
-        with _forked_rng(self.seed), self._probe_mode():
-            rows = [
-                self._flat_gradient(self.loss_fn(t, self.probe_batches[t])) for t in self.task_names
-            ]
-        return torch.stack(rows)
+        return _flatten(self.parameter_gradients(), self.params, self.dtype)
 
-    def _flat_gradient(self, loss: torch.Tensor) -> torch.Tensor:
-        """Gradient of ``loss`` w.r.t. the shared parameters, concatenated.  -> [P]."""
+    def parameter_gradients(self) -> list[Grads]:
+        """This rank's gradient of each parameter for each task: ``[param][task]``, None for none."""
+        with _forked_rng(self.seed), self._probe_mode():
+            per_task = [self._gradients(self.loss_fn(t, self.probe_batches[t])) for t in self.task_names]
+        return [list(column) for column in zip(*per_task)]
+
+    def _gradients(self, loss: torch.Tensor) -> Grads:
+        """Gradient of ``loss`` w.r.t. each shared parameter (None where it does not reach one)."""
         trainable = [p for p in self.params if p.requires_grad]
         grads = torch.autograd.grad(loss, trainable, allow_unused=True) if trainable else ()
         by_param = {id(p): g for p, g in zip(trainable, grads)}
-        pieces = []
-        for p in self.params:
-            g = by_param.get(id(p))
-            if g is None:
-                pieces.append(torch.zeros(p.numel(), dtype=self.dtype, device=p.device))
-            else:
-                pieces.append(g.reshape(-1).to(self.dtype))
-        return torch.cat(pieces)
+        return [by_param.get(id(p)) for p in self.params]
 
     @contextlib.contextmanager
     def _probe_mode(self) -> Iterator[None]:
@@ -127,6 +134,18 @@ class GradientProbe:
         finally:
             for m, training in flags:
                 m.training = training
+
+
+def _flatten(grads: list[Grads], params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``[param][task]`` gradients -> [T, P] in ``dtype``, zeros where a parameter has none."""
+    rows = zip(*grads) if grads else ()
+    return torch.stack([
+        torch.cat([
+            torch.zeros(p.numel(), dtype=dtype, device=p.device) if g is None else g.reshape(-1).to(dtype)
+            for g, p in zip(row, params)
+        ])
+        for row in rows
+    ])
 
 
 @contextlib.contextmanager
@@ -145,7 +164,7 @@ def _forked_rng(seed: int) -> Iterator[None]:
 class StreamTracker:
     """Approximate per-task gradient geometry from the training stream, at no extra backward.
 
-    ``update(task, grad)`` folds the shared-parameter gradient of a training
+    ``update(task, grads)`` folds the shared-parameter gradient of a training
     step on ``task`` into that task's exponential moving average
     ``m_t ← β m_t + (1 − β) g`` (the first update sets ``m_t = g``).
     ``measure`` builds the same record as :class:`GradientProbe` from the
@@ -153,61 +172,92 @@ class StreamTracker:
     different steps, weights and batches for different tasks, so they mix
     genuine conflict with drift; use the probe for exact values.
 
-    ``grad`` may be this rank's local gradient or the already rank-averaged
+    The averages are kept per parameter and updated in place, written as
+    ``m_t ← m_t + (1 − β)(g − m_t)`` (a lerp): one pass over each gradient
+    and no copy of it.  Flattening the gradients into one vector first
+    allocated and filled P fresh floats per step, which cost more than the
+    average itself; the Gram is formed only in ``measure``.
+
+    ``grads`` may be this rank's local gradient or the already rank-averaged
     one: :func:`global_group_grams` averages over ranks, which leaves
     identical inputs unchanged.  Under data parallelism call ``update`` and
     ``measure`` on every rank with the same task schedule, since ``measure``
-    runs collectives once all tasks are seen.  Memory: T float32 vectors of
-    size P.
+    runs collectives once all tasks are seen.  Memory: T float32 copies of
+    the parameters.
     """
 
     def __init__(
         self,
         task_names: Sequence[str],
-        group_ids: torch.Tensor,
-        n_groups: int,
+        named_params: Sequence[tuple[str, torch.Tensor]],
         beta: float = 0.9,
         *,
-        group_names: Sequence[str] | None = None,
         seed: int = 0,
         group: dist.ProcessGroup | None = None,
     ) -> None:
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.task_names = list(task_names)
-        self.group_ids = group_ids
-        self.n_groups = n_groups
-        self.group_names = (
-            list(group_names) if group_names is not None else [f"group{g}" for g in range(n_groups)]
-        )
-        if len(self.group_names) != n_groups:
-            raise ValueError(f"{len(self.group_names)} group names for {n_groups} groups")
+        self.names = [name for name, _ in named_params]
+        self.shapes = [tuple(p.shape) for _, p in named_params]
+        self.group_names, self.param_groups = group_index(self.names)
         self.beta = beta
         self.group = group
         self.rng = torch.Generator().manual_seed(seed)
-        self.averages: dict[str, torch.Tensor] = {}  # task -> [P]
+        self.averages: dict[str, list[torch.Tensor]] = {}  # task -> m_t, one float32 tensor per parameter
 
-    def update(self, task: str, grad_vector: torch.Tensor) -> None:
-        """Fold one flattened gradient [P] of ``task`` into its running average."""
+    def update(self, task: str, grads: Sequence[torch.Tensor | None] | torch.Tensor) -> None:
+        """Fold one gradient of ``task`` into its running average.
+
+        grads: one tensor per parameter (None for a zero gradient), or the
+        parameters' gradients flattened into one vector [P].
+        """
         if task not in self.task_names:
             raise KeyError(f"unknown task {task!r}; tasks are {self.task_names}")
-        if grad_vector.shape != self.group_ids.shape:
-            raise ValueError(
-                f"gradient has shape {tuple(grad_vector.shape)}, "
-                f"expected {tuple(self.group_ids.shape)}"
-            )
-        g = grad_vector.detach().to(torch.float32)
-        average = self.averages.get(task)
-        if average is None:
-            self.averages[task] = g.clone()
-        else:
-            average.mul_(self.beta).add_(g.to(average.device), alpha=1.0 - self.beta)
+        grads = self._per_parameter(grads)
+        averages = self.averages.get(task)
+        if averages is None:
+            self.averages[task] = [
+                torch.zeros(shape) if g is None else g.detach().to(torch.float32, copy=True)
+                for g, shape in zip(grads, self.shapes)
+            ]
+            return
+        reached = [(m, g.detach().to(torch.float32)) for m, g in zip(averages, grads) if g is not None]
+        if reached:
+            torch._foreach_lerp_([m for m, _ in reached], [g for _, g in reached], 1.0 - self.beta)
+        missed = [m for m, g in zip(averages, grads) if g is None]
+        if missed:
+            torch._foreach_mul_(missed, self.beta)
+
+    def flat_averages(self) -> dict[str, torch.Tensor]:
+        """Each seen task's running average, flattened: {task: [P]} (a copy)."""
+        return {t: torch.cat([m.reshape(-1) for m in ms]) for t, ms in self.averages.items()}
 
     def measure(self, step: int) -> dict | None:
         """A record from the running averages, or None until every task has been seen."""
         if any(t not in self.averages for t in self.task_names):
             return None
-        G = torch.stack([self.averages[t] for t in self.task_names])  # [T, P]
-        self.group_ids = self.group_ids.to(G.device)
-        K = global_group_grams(G, self.group_ids, self.n_groups, group=self.group)
+        n_groups = len(self.group_names)
+        if _world_size(self.group) == 1:
+            grads = [[self.averages[t][k] for t in self.task_names] for k in range(len(self.names))]
+            K = param_grams(grads, self.param_groups, n_groups)
+        else:
+            averages = self.flat_averages()
+            G = torch.stack([averages[t] for t in self.task_names])  # [T, P]
+            ids = flat_group_ids(self.names, [math.prod(shape) for shape in self.shapes])[1].to(G.device)
+            K = global_group_grams(G, ids, n_groups, group=self.group)
         return summarize(K, self.group_names, self.task_names, step, rng=self.rng)
+
+    def _per_parameter(self, grads: Sequence[torch.Tensor | None] | torch.Tensor) -> list:
+        numels = [math.prod(shape) for shape in self.shapes]
+        if isinstance(grads, torch.Tensor):
+            if grads.shape != (sum(numels),):
+                raise ValueError(f"gradient has shape {tuple(grads.shape)}, expected ({sum(numels)},)")
+            return [g.view(shape) for g, shape in zip(grads.split(numels), self.shapes)]
+        grads = list(grads)
+        if len(grads) != len(self.shapes):
+            raise ValueError(f"{len(grads)} gradients for {len(self.shapes)} parameters")
+        for name, g, shape in zip(self.names, grads, self.shapes):
+            if g is not None and tuple(g.shape) != shape:
+                raise ValueError(f"gradient of {name} has shape {tuple(g.shape)}, expected {shape}")
+        return grads
