@@ -172,11 +172,15 @@ class StreamTracker:
     different steps, weights and batches for different tasks, so they mix
     genuine conflict with drift; use the probe for exact values.
 
-    The averages are kept per parameter and updated in place, written as
-    ``m_t ← m_t + (1 − β)(g − m_t)`` (a lerp): one pass over each gradient
-    and no copy of it.  Flattening the gradients into one vector first
-    allocated and filled P fresh floats per step, which cost more than the
-    average itself; the Gram is formed only in ``measure``.
+    Cost: each average is kept per parameter as ``m_t = s_t u_t`` with a
+    scalar ``s_t``, so the update is ``s_t ← β s_t``, ``u_t ← u_t + (1 −
+    β)/s_t · g``: the same formula in real arithmetic, one in-place pass over
+    the gradient, no copy of it, and ``u_t`` is left alone wherever ``g`` is
+    zero.  That makes embedding matrices cheap: ``rows`` names, per
+    parameter, the only rows its gradient can reach (a batch's token ids), and
+    just those rows are added.  ``s_t`` is folded back into ``u_t`` before it
+    gets small, so ``u_t`` stays within float32 range.  The Gram is formed
+    only in ``measure``.
 
     ``grads`` may be this rank's local gradient or the already rank-averaged
     one: :func:`global_group_grams` averages over ranks, which leaves
@@ -185,6 +189,9 @@ class StreamTracker:
     runs collectives once all tasks are seen.  Memory: T float32 copies of
     the parameters.
     """
+
+    # s_t is folded into u_t below this, so u_t is at most 2^20 times larger than the average.
+    MIN_SCALE = 2.0 ** -20
 
     def __init__(
         self,
@@ -199,50 +206,79 @@ class StreamTracker:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.task_names = list(task_names)
         self.names = [name for name, _ in named_params]
+        self.index = {name: k for k, name in enumerate(self.names)}
         self.shapes = [tuple(p.shape) for _, p in named_params]
         self.group_names, self.param_groups = group_index(self.names)
         self.beta = beta
         self.group = group
         self.rng = torch.Generator().manual_seed(seed)
-        self.averages: dict[str, list[torch.Tensor]] = {}  # task -> m_t, one float32 tensor per parameter
+        self.sums: dict[str, list[torch.Tensor]] = {}  # task -> u_t, one float32 tensor per parameter
+        self.scales: dict[str, float] = {}  # task -> s_t
 
-    def update(self, task: str, grads: Sequence[torch.Tensor | None] | torch.Tensor) -> None:
+    def update(
+        self,
+        task: str,
+        grads: Sequence[torch.Tensor | None] | torch.Tensor,
+        rows: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """Fold one gradient of ``task`` into its running average.
 
         grads: one tensor per parameter (None for a zero gradient), or the
-        parameters' gradients flattened into one vector [P].
+        parameters' gradients flattened into one vector [P].  rows: {parameter
+        name: row indices [R]}, a promise that the gradient of that parameter
+        is zero outside those rows (of its first dimension); others are read whole.
         """
         if task not in self.task_names:
             raise KeyError(f"unknown task {task!r}; tasks are {self.task_names}")
         grads = self._per_parameter(grads)
-        averages = self.averages.get(task)
-        if averages is None:
-            self.averages[task] = [
+        rows = rows or {}
+        if not rows.keys() <= self.index.keys():
+            raise ValueError(f"rows given for unknown parameters {sorted(rows.keys() - self.index.keys())}")
+        sparse = {self.index[name]: r for name, r in rows.items()}
+        sums = self.sums.get(task)
+        if sums is None or self.beta == 0.0:
+            self.sums[task] = [
                 torch.zeros(shape) if g is None else g.detach().to(torch.float32, copy=True)
                 for g, shape in zip(grads, self.shapes)
             ]
+            self.scales[task] = 1.0
             return
-        reached = [(m, g.detach().to(torch.float32)) for m, g in zip(averages, grads) if g is not None]
-        if reached:
-            torch._foreach_lerp_([m for m, _ in reached], [g for _, g in reached], 1.0 - self.beta)
-        missed = [m for m, g in zip(averages, grads) if g is None]
-        if missed:
-            torch._foreach_mul_(missed, self.beta)
+        scale = self.scales[task] * self.beta
+        alpha = (1.0 - self.beta) / scale
+        dense_sums, dense_grads = [], []
+        for k, (u, g) in enumerate(zip(sums, grads)):
+            if g is None:
+                continue
+            g = g.detach().to(torch.float32)
+            if k in sparse:
+                r = sparse[k].to(g.device)
+                u.index_add_(0, r, g.index_select(0, r), alpha=alpha)
+            else:
+                dense_sums.append(u)
+                dense_grads.append(g)
+        if dense_sums:
+            torch._foreach_add_(dense_sums, dense_grads, alpha=alpha)
+        if scale < self.MIN_SCALE:
+            torch._foreach_mul_(sums, scale)
+            scale = 1.0
+        self.scales[task] = scale
 
-    def flat_averages(self) -> dict[str, torch.Tensor]:
-        """Each seen task's running average, flattened: {task: [P]} (a copy)."""
-        return {t: torch.cat([m.reshape(-1) for m in ms]) for t, ms in self.averages.items()}
+    def averages(self) -> dict[str, torch.Tensor]:
+        """Each seen task's running average m_t, flattened: {task: [P]} (a copy)."""
+        return {t: torch.cat([u.reshape(-1) for u in us]) * self.scales[t] for t, us in self.sums.items()}
 
     def measure(self, step: int) -> dict | None:
         """A record from the running averages, or None until every task has been seen."""
-        if any(t not in self.averages for t in self.task_names):
+        if any(t not in self.sums for t in self.task_names):
             return None
         n_groups = len(self.group_names)
         if _world_size(self.group) == 1:
-            grads = [[self.averages[t][k] for t in self.task_names] for k in range(len(self.names))]
+            grads = [[self.sums[t][k] for t in self.task_names] for k in range(len(self.names))]
             K = param_grams(grads, self.param_groups, n_groups)
+            s = torch.tensor([self.scales[t] for t in self.task_names], dtype=torch.float64)  # [T]
+            K *= (s[:, None] * s[None, :]).to(K.device)  # Gram of s_t u_t
         else:
-            averages = self.flat_averages()
+            averages = self.averages()
             G = torch.stack([averages[t] for t in self.task_names])  # [T, P]
             ids = flat_group_ids(self.names, [math.prod(shape) for shape in self.shapes])[1].to(G.device)
             K = global_group_grams(G, ids, n_groups, group=self.group)
