@@ -237,8 +237,9 @@ class StreamTracker:
         sparse = {self.index[name]: r for name, r in rows.items()}
         sums = self.sums.get(task)
         if sums is None or self.beta == 0.0:
+            device = next((g.device for g in grads if g is not None), None)
             self.sums[task] = [
-                torch.zeros(shape) if g is None else g.detach().to(torch.float32, copy=True)
+                torch.zeros(shape, device=device) if g is None else g.detach().to(torch.float32, copy=True)
                 for g, shape in zip(grads, self.shapes)
             ]
             self.scales[task] = 1.0
