@@ -4,7 +4,7 @@ The statistics depend on torch and mtkit.strategies (PCGrad's projection); `diag
 connects them to mtkit's training loop.
 """
 
-from .gram import global_group_grams, group_grams
+from .gram import global_group_grams, group_grams, param_grams
 from .groups import flat_group_ids, group_index, layer_groups
 from .probe import GradientProbe, StreamTracker
 from .report import format_table, plot_run, summarize_run
@@ -37,6 +37,7 @@ __all__ = [
     "layer_groups",
     "norm_ratios",
     "norms",
+    "param_grams",
     "pcgrad_coefficients",
     "pcgrad_cos_sum",
     "pcgrad_removed",

@@ -5,10 +5,15 @@ per parameter element, the Gram of group ``g`` is ``K_g = G_g G_gᵀ`` (``[T, T]
 its diagonal holds squared gradient norms, its off-diagonal entries the dot
 products from which cosines and conflicts follow.  ``Σ_g K_g`` is the Gram of
 the whole shared vector.
+
+:func:`param_grams` gets the same Grams from per-parameter gradients without
+concatenating them: a group's Gram is the sum of its parameters' Grams, so no
+[T, P] copy of the gradients is ever made.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -36,6 +41,45 @@ def group_grams(G: torch.Tensor, group_ids: torch.Tensor, n_groups: int) -> torc
         block = G[:, start : start + length].to(torch.float64)  # [T, length]
         K[gid] += block @ block.T  # [T, T]
         start += length
+    return K
+
+
+# Elements per float64 block in param_grams: T x 2^20 x 8 bytes stays in the tens of MB.
+CHUNK = 1 << 20
+
+
+def param_grams(
+    grads: Sequence[Sequence[torch.Tensor | None]], param_groups: Sequence[int], n_groups: int
+) -> torch.Tensor:
+    """Per-group Grams from per-parameter gradients, accumulated in float64.
+
+    grads[k][t]: task t's gradient of parameter k (any shape; None means zero);
+    param_groups[k]: the group of parameter k.  Returns [n_groups, T, T],
+    equal to :func:`group_grams` of the concatenated gradients.  Large
+    parameters are widened to float64 one chunk of ``CHUNK`` elements at a time.
+    """
+    if len(grads) != len(param_groups):
+        raise ValueError(f"{len(grads)} parameters but {len(param_groups)} group ids")
+    T = len(grads[0]) if grads else 0
+    device = next((g.device for row in grads for g in row if g is not None), torch.device("cpu"))
+    K = torch.zeros(n_groups, T, T, dtype=torch.float64, device=device)
+    for row, gid in zip(grads, param_groups):
+        if len(row) != T:
+            raise ValueError(f"a parameter has gradients for {len(row)} tasks, expected {T}")
+        present = [t for t, g in enumerate(row) if g is not None]
+        if not present:
+            continue
+        flat = [row[t].reshape(-1) for t in present]
+        n = flat[0].numel()
+        block = torch.empty(len(present), min(n, CHUNK), dtype=torch.float64, device=device)  # [T', C]
+        partial = torch.zeros(len(present), len(present), dtype=torch.float64, device=device)
+        for start in range(0, n, CHUNK):
+            width = min(CHUNK, n - start)
+            for r, g in enumerate(flat):
+                block[r, :width].copy_(g[start : start + width])
+            partial += block[:, :width] @ block[:, :width].T  # [T', T']
+        index = torch.tensor(present, device=device)
+        K[gid, index[:, None], index[None, :]] += partial
     return K
 
 

@@ -6,17 +6,20 @@ and under a forked RNG: training is unchanged bit for bit. With W ranks each ran
 probe batch and the Gram is reduced exactly (see `diagnostics.gram`).
 
 `stream`: no extra backward passes; after each step's backward, that step's task gradient is folded
-into a per-task running average. Cheap and approximate: the averages mix gradients from different
-weights and batches, so treat its cosines as a trend, not a measurement.
+into a per-task running average, in place, parameter by parameter; the Gram is formed only every N
+steps. Cheap and approximate: the averages mix gradients from different weights and batches, so treat
+its cosines as a trend, not a measurement.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
-from diagnostics.groups import flat_group_ids
 from diagnostics.probe import GradientProbe, StreamTracker
 from diagnostics.writer import DiagnosticsWriter
 from mtkit.data.dataset import batch_for, to_device
@@ -43,11 +46,28 @@ class ProbeHook:
 
 
 class StreamHook:
-    def __init__(self, tracker: StreamTracker, every: int, writer: DiagnosticsWriter | None):
+    """Feeds each step's gradient to the tracker. Embedding matrices (`embeddings`: parameter name ->
+    module) are read on the rows of the token ids their forward saw since the last backward: with one
+    process a weight used only through its own `nn.Embedding` has a zero gradient on every other row, so
+    the update is the same as reading the whole matrix, at a fraction of the cost."""
+
+    def __init__(self, tracker: StreamTracker, every: int, writer: DiagnosticsWriter | None,
+                 embeddings: dict[str, nn.Embedding] | None = None):
         self.tracker, self.every, self.writer = tracker, every, writer
+        self.ids: dict[str, list[torch.Tensor]] = {name: [] for name in embeddings or {}}
+        self.handles = [module.register_forward_pre_hook(functools.partial(self._record, name), with_kwargs=True)
+                        for name, module in (embeddings or {}).items()]
+
+    def _record(self, name, module, args, kwargs):
+        if torch.is_grad_enabled():  # evaluation runs without gradients and reaches no gradient row
+            self.ids[name].append((args[0] if args else kwargs["input"]).detach().reshape(-1))
 
     def on_backward(self, step, task, engine):
-        self.tracker.update(task, engine.shared_grad())
+        rows = {name: torch.cat(ids).unique() for name, ids in self.ids.items() if ids}
+        for ids in self.ids.values():
+            ids.clear()
+        # An embedding whose forward did not run this step is read whole: that is always exact.
+        self.tracker.update(task, engine.shared_grads(), rows)
 
     def on_step(self, step, engine):
         if step % self.every == 0:
@@ -57,8 +77,25 @@ class StreamHook:
                 self.writer.write(record)
 
     def close(self):
+        for handle in self.handles:
+            handle.remove()
         if self.writer is not None:
             self.writer.close()
+
+
+def embedding_modules(model: nn.Module, names_params: list) -> dict[str, nn.Embedding]:
+    """Shared parameters that are the weight of exactly one `nn.Embedding` and of no other module (a tied
+    weight gets gradient from elsewhere too), by parameter name."""
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    out = {}
+    for name, p in names_params:
+        modules = owners.get(id(p), [])
+        if len(modules) == 1 and isinstance(modules[0], nn.Embedding):
+            out[name] = modules[0]
+    return out
 
 
 def probe_batches(tasks: dict, size: int, seed: int, world_size: int, rank: int, pad_id: int, device) -> dict:
@@ -89,8 +126,7 @@ def make_hooks(cfg, model, tasks: dict, dist, writer, out: Path) -> list:
         return [ProbeHook(probe, diag_writer)]
     if cfg.train.grad_accum != 1:
         raise ValueError("diagnostics.mode = stream reads each step's gradient; it needs train.grad_accum = 1")
-    names = [n for n, _ in names_params]
-    group_names, ids = flat_group_ids(names, [p.numel() for _, p in names_params])
-    tracker = StreamTracker(task_names, ids, len(group_names), beta=d.stream_beta, group_names=group_names,
-                            seed=cfg.train.seed)
-    return [StreamHook(tracker, d.every, diag_writer)]
+    tracker = StreamTracker(task_names, names_params, beta=d.stream_beta, seed=cfg.train.seed)
+    # With several ranks the engine's gradient is the rank mean, which reaches other ranks' token ids too.
+    embeddings = embedding_modules(model, names_params) if dist.world_size == 1 else {}
+    return [StreamHook(tracker, d.every, diag_writer, embeddings)]

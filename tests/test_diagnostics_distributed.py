@@ -9,8 +9,9 @@ from torch import nn
 
 from distributed_util import spawn_ranks
 from diagnostics.gram import global_group_grams, group_grams
+from diagnostics.groups import flat_group_ids
 from diagnostics.probe import GradientProbe, StreamTracker
-from diagnostics.stats import cosines
+from diagnostics.stats import cosines, summarize
 
 WORLD = 2
 TASKS = ["sst", "qqp"]
@@ -159,6 +160,22 @@ def test_probe_gradients_equal_manual_backward():
         torch.testing.assert_close(row, expected)
 
 
+def test_probe_gram_per_parameter_equals_gram_of_flattened_gradients():
+    # One process sums the Gram parameter by parameter; several ranks reduce the flattened [T, P].
+    model = make_model()
+    record = make_probe(model, rank=None).measure(step=10)
+    G = make_probe(model, rank=None).task_gradients().double()  # [T, P]
+    names = [n for n, _ in shared_params(model)]
+    group_names, ids = flat_group_ids(names, [p.numel() for _, p in shared_params(model)])
+    reference = summarize(group_grams(G, ids, len(group_names)), group_names, TASKS, 10,
+                          rng=torch.Generator().manual_seed(3))
+    assert record.keys() == reference.keys() and record["groups"] == reference["groups"]
+    for key in ("norm", "cos", "pcgrad_removed"):
+        assert record[key] == pytest.approx(reference[key], rel=1e-9, abs=1e-12), key
+    for pair, layers in reference["layer_cos"].items():
+        assert record["layer_cos"][pair] == pytest.approx(layers, rel=1e-9, abs=1e-12)
+
+
 def test_probe_preserves_grad_rng_and_train_flags():
     model = make_model()
     model.train()
@@ -202,8 +219,8 @@ def test_probe_due():
 
 
 def test_stream_tracker_running_average():
-    ids = torch.tensor([0, 0, 1, 1, 1])
-    tracker = StreamTracker(["a", "b"], ids, 2, beta=0.5, group_names=["emb", "layer.0"])
+    params = [("embeddings.w", torch.zeros(2)), ("encoder.layer.0.w", torch.zeros(3))]
+    tracker = StreamTracker(["a", "b"], params, beta=0.5)
     ga1, ga2, gb = (torch.randn(5, generator=torch.Generator().manual_seed(s)) for s in range(3))
     tracker.update("a", ga1)
     assert tracker.measure(step=1) is None
@@ -211,9 +228,9 @@ def test_stream_tracker_running_average():
     tracker.update("b", gb)
     record = tracker.measure(step=3)
     average_a = 0.5 * ga1 + 0.5 * ga2
-    expected = group_grams(torch.stack([average_a, gb]), ids, 2)
+    expected = group_grams(torch.stack([average_a, gb]), torch.tensor([0, 0, 1, 1, 1]), 2)
     cos = float(expected.sum(0)[0, 1] / (average_a.norm() * gb.norm()))
-    assert record["groups"] == ["emb", "layer.0"]
+    assert record["groups"] == ["embeddings", "layer.0"]
     assert record["cos"]["a__b"] == pytest.approx(cos, abs=1e-6)
     assert record["norm"]["a"] == pytest.approx(average_a.norm().item(), rel=1e-6)
     with pytest.raises(KeyError):

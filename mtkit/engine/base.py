@@ -51,9 +51,15 @@ class Engine:
     def load(self, path: Path) -> None:
         raise NotImplementedError
 
+    def shared_grads(self) -> list[torch.Tensor | None]:
+        """The accumulated gradient of each of `module.shared_parameters()`, None where it has none; read
+        only, no copies where the engine keeps whole gradients (collective)."""
+        raise NotImplementedError
+
     def shared_grad(self) -> torch.Tensor:
         """The accumulated gradient of `module.shared_parameters()`, flattened [P] (collective)."""
-        raise NotImplementedError
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).detach().float().flatten()
+                          for g, (_, p) in zip(self.shared_grads(), self.module.shared_parameters())])
 
 
 class GroupMaskedAdamW(torch.optim.AdamW):

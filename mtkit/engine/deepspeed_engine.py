@@ -104,12 +104,9 @@ class DeepSpeedEngine(Engine):
     def lrs(self):
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
-    def shared_grad(self):
-        out = []
-        for _, p in self.module.shared_parameters():  # a collective per parameter under ZeRO: same order
-            g = safe_get_full_grad(p)                    # on every rank
-            out.append((g if g is not None else torch.zeros_like(p)).detach().float().flatten())
-        return torch.cat(out)
+    def shared_grads(self):
+        # A collective per parameter under ZeRO: the same order on every rank.
+        return [safe_get_full_grad(p) for _, p in self.module.shared_parameters()]
 
     def save(self, path: Path) -> None:
         self.ds.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)

@@ -69,9 +69,8 @@ class TorchEngine(Engine):
     def lrs(self):
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
-    def shared_grad(self):
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
-                          for _, p in self.module.shared_parameters()])
+    def shared_grads(self):
+        return [p.grad for _, p in self.module.shared_parameters()]
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
