@@ -76,7 +76,7 @@ def train(config: str | os.PathLike | dict | Config, out: str | os.PathLike, *, 
     written = {}
     if memory:
         folder = out / "inputs"
-        if overwrite and folder.is_dir():
+        if overwrite and not resume and folder.is_dir():
             shutil.rmtree(folder)  # a fresh start keeps only this call's data
         for (name, split), rows in memory.items():
             task = cfg.task(name)

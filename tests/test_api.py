@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
+import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -18,7 +20,7 @@ import yaml
 import mtkit
 from conftest import CONFIGS, REPO, write_toy_data
 from mtkit import config as config_mod
-from mtkit.api import IN_MEMORY, write_split
+from mtkit.api import IN_MEMORY, _raw_config, write_split
 from mtkit.checkpoint import model_weights
 from mtkit.data.dataset import load_tasks
 from mtkit.evaluate import embed_split
@@ -162,6 +164,22 @@ def test_write_split_maps_roles_and_columns_and_names_files_by_content(tmp_path)
         write_split(tmp_path, sts, "train", rows)
 
 
+def test_config_objects_and_dicts_hand_over_their_rows_and_stay_untouched():
+    rows = [{"sentence": "a good film", "label": 1}]
+    want = config_mod.load(CONFIGS / "debug_tiny.yaml", {"tasks.sst.train": IN_MEMORY, "train.seed": 3})
+    cfg = config_mod.load(CONFIGS / "debug_tiny.yaml")
+    cfg.task("sst").train = rows
+    memory = {}
+    assert config_mod.load(None, {**_raw_config(cfg, memory), "train.seed": 3}) == want
+    assert memory == {("sst", "train"): rows} and cfg.task("sst").train is rows
+    raw = yaml.safe_load((CONFIGS / "debug_tiny.yaml").read_text())
+    raw["tasks"][0]["train"] = rows
+    before = json.dumps(raw)
+    memory = {}
+    assert config_mod.load(None, {**_raw_config(raw, memory), "train.seed": 3}) == want
+    assert memory == {("sst", "train"): rows} and json.dumps(raw) == before
+
+
 def test_bad_in_memory_labels_are_reported_at_their_row(tmp_path):
     root = write_toy_data(tmp_path / "data")
     rows = [{"sentence": "a good film", "label": 1}, {"sentence": "bad", "label": 7}]
@@ -190,8 +208,9 @@ def test_version_is_the_installed_metadata_version_and_setup_reads_it():
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("mtkit is not installed (pip install -e .): no metadata to compare with")
     assert mtkit.__version__ == installed
-    setup = (REPO / "setup.py").read_text()
-    assert "version=VERSION" in setup and 'version="' not in setup  # one source: mtkit/__init__.py
+    built = subprocess.run([sys.executable, "setup.py", "--version"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert built[-1] == mtkit.__version__
 
 
 def readme_python_example() -> str:
