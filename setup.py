@@ -1,13 +1,24 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# mtkit/__init__.py holds the version; read as text, since importing mtkit here would need its dependencies.
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path("mtkit/__init__.py").read_text(), re.M).group(1)
 
 setup(
     name="mtkit",
-    version="0.1.0",
+    version=VERSION,
     description="Multi-task fine-tuning of sentence encoders with gradient-conflict diagnostics",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["mtkit", "mtkit.*", "diagnostics", "diagnostics.*"]),
+    # configs/ stays at the top of the repository and ships inside the package as mtkit/configs, which
+    # `mtkit:configs/...` paths name (mtkit.config.resolve_path). launchers/ is not shipped: `mtkit train`
+    # takes the same settings.
+    packages=find_packages(include=["mtkit", "mtkit.*", "diagnostics", "diagnostics.*"]) + ["mtkit.configs"],
+    package_dir={"mtkit.configs": "configs"},
+    package_data={"mtkit.configs": ["*.yaml", "deepspeed/*.json"]},
     # torch is pinned by the install scripts (torch==2.13.0 first) so that a CPU wheel is used;
     # the range here only guards against incompatible majors.
     install_requires=[
@@ -26,7 +37,8 @@ setup(
     ],
     # st: `mtkit export` writes sentence-transformers folders (and pushes them to the Hub)
     extras_require={"st": ["sentence-transformers>=6.2"],
+                    # setuptools: tests/test_wheel.py builds the wheel offline (no build isolation)
                     "dev": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6.100", "psutil>=5.9",
-                            "sentence-transformers>=6.2"]},
+                            "sentence-transformers>=6.2", "setuptools>=64"]},
     entry_points={"console_scripts": ["mtkit=mtkit.cli:main"]},
 )

@@ -274,7 +274,8 @@ def _read_config(path: str | os.PathLike, chain: tuple[Path, ...] = ()) -> tuple
     lines.pop("base")
     if not isinstance(base, str) or not base:
         raise ConfigError(f"{where}: base must name one YAML file (relative to {path}), got {base!r}")
-    base_path, chain = Path(path).parent / base, (*chain, Path(path).resolve())
+    here = resolve_path(path)  # a shipped config (mtkit:configs/...) inherits from its shipped neighbours
+    base_path, chain = here.parent / base, (*chain, here.resolve())
     if base_path.resolve() in chain:
         cycle = chain[chain.index(base_path.resolve()):] + (base_path.resolve(),)
         raise ConfigError(f"{where}: base: {base} makes a cycle ({' -> '.join(map(str, cycle))}); a config "
@@ -306,12 +307,38 @@ def _named_items(value: Any) -> bool:
     return len(set(map(str, names))) == len(names)
 
 
+PACKAGED = "mtkit:"  # `mtkit:configs/x.yaml`: an example config shipped with mtkit
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """`path` itself, or for `mtkit:configs/...` the file shipped with mtkit: inside the installed package
+    (the wheel puts the repository's configs/ at mtkit/configs), else configs/ beside the package (a source
+    checkout or an editable install). A pipeline's stage path, `mtkit:configs/` + its relative path,
+    resolves the same way."""
+    text = os.fspath(path)
+    if not text.startswith(PACKAGED):
+        return Path(text)
+    rel = Path(text[len(PACKAGED):])
+    shipped = sorted(str(p.relative_to(_configs_dir().parent)) for p in _configs_dir().rglob("*")
+                     if p.suffix in (".yaml", ".json"))
+    if rel.parts[:1] != ("configs",) or ".." in rel.parts or str(rel) not in shipped:
+        raise ConfigError(f"{text}: mtkit ships no such file; shipped: "
+                          + ", ".join(PACKAGED + p for p in shipped))
+    return _configs_dir().parent / rel
+
+
+def _configs_dir() -> Path:
+    from importlib import resources
+    installed = Path(str(resources.files("mtkit"))) / "configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "configs"
+
+
 def _read_yaml(path: str | os.PathLike) -> tuple[dict, dict[str, int | str]]:
     """(the top-level mapping, dotted key -> line) of a YAML file; every problem is a ConfigError naming
     the file and, where the parser knows it, the line."""
     source = str(path)
     try:
-        data = Path(path).read_bytes()
+        data = resolve_path(path).read_bytes()
     except OSError as e:
         raise ConfigError(f"{source}: cannot read config: {e.strerror}") from None
     data = data.removeprefix(codecs.BOM_UTF8)
@@ -419,7 +446,7 @@ def _label_count(task: TaskConfig) -> int | None:
 def read_deepspeed_json(path: str) -> dict:
     """A DeepSpeed JSON config; errors name the file and, for malformed JSON, the line."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = resolve_path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read DeepSpeed config: {e.strerror}") from None
     except UnicodeDecodeError as e:

@@ -120,6 +120,17 @@ def _load_split(task: TaskConfig, split: str, src: str, fmt: str, columns: dict,
                              labelled=split != "test")
     if limit is not None:
         examples = examples[:limit]
+    tokenized = tokenize(task, examples, tokenizer, max_length)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"examples": [(e.id, e.texts, e.label) for e in examples], "tokens": tokenized.tokens,
+                "segments": tokenized.segments}, tmp)
+    os.replace(tmp, cached)  # atomic, so concurrent ranks never read half a file
+    return tokenized
+
+
+def tokenize(task: TaskConfig, examples: list[Example], tokenizer, max_length: int) -> Split:
+    """A split of `examples` (read from a file, or given in memory by `mtkit.api`) tokenized for `task`."""
     segments = None
     tokens = [()] * len(examples)
     if not task.joint or task.decoder == "cross_cosine":  # each text on its own
@@ -134,11 +145,6 @@ def _load_split(task: TaskConfig, split: str, src: str, fmt: str, columns: dict,
                         truncation=True, max_length=max_length, return_token_type_ids=True)
         segments = enc["token_type_ids"]
         tokens = [(joint, *single) for joint, single in zip(enc["input_ids"], tokens)]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"examples": [(e.id, e.texts, e.label) for e in examples], "tokens": tokens,
-                "segments": segments}, tmp)
-    os.replace(tmp, cached)  # atomic, so concurrent ranks never read half a file
     return Split(examples, tokens, segments)
 
 
