@@ -120,7 +120,7 @@ def _load_split(task: TaskConfig, split: str, src: str, fmt: str, columns: dict,
                              labelled=split != "test")
     if limit is not None:
         examples = examples[:limit]
-    tokenized = tokenize(task, examples, tokenizer, max_length)
+    tokenized = tokenize(task, examples, tokenizer, max_length, split)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
     torch.save({"examples": [(e.id, e.texts, e.label) for e in examples], "tokens": tokenized.tokens,
@@ -129,14 +129,15 @@ def _load_split(task: TaskConfig, split: str, src: str, fmt: str, columns: dict,
     return tokenized
 
 
-def tokenize(task: TaskConfig, examples: list[Example], tokenizer, max_length: int) -> Split:
-    """A split of `examples` (read from a file, or given in memory by `mtkit.api`) tokenized for `task`."""
+def tokenize(task: TaskConfig, examples: list[Example], tokenizer, max_length: int, split: str = "") -> Split:
+    """A split of `examples` (read from a file, or given in memory by `mtkit.api`) tokenized for `task`;
+    `split` only names the progress bar."""
     segments = None
     tokens = [()] * len(examples)
     if not task.joint or task.decoder == "cross_cosine":  # each text on its own
         n_texts = len(get_kind(task.kind).roles)
         flat = [text for ex in examples for text in ex.texts]
-        ids = [i for s in progress.bar(range(0, len(flat), 8192), f"tokenize {task.name} {split}")
+        ids = [i for s in progress.bar(range(0, len(flat), 8192), f"tokenize {task.name} {split}".rstrip())
                for i in tokenizer(flat[s:s + 8192], truncation=True, max_length=max_length,
                                   add_special_tokens=True)["input_ids"]]
         tokens = [tuple(ids[i * n_texts:(i + 1) * n_texts]) for i in range(len(examples))]
