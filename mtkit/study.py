@@ -199,12 +199,16 @@ def plan(path: str | os.PathLike, out: str | os.PathLike, profile: str | None = 
     runs = []
     for seed in seeds(study, count, f"{path}:{lines.get('seeds', '')}".rstrip(":")):
         for cell in study.cells:
-            merged = {**flat_overrides(study.overrides), **flat_overrides(study.profiles.get(profile) or {}),
-                      **flat_overrides(cell.overrides), **flat_overrides(cell.profiles.get(profile) or {}),
-                      **flat_overrides(extra or {}), "train.seed": str(seed)}
+            merged = {**cell_overrides(study, cell, profile), **flat_overrides(extra or {}), "train.seed": str(seed)}
             config = (path.parent / (cell.config or study.config)).resolve()
             runs.append(Run(cell.name, seed, out / cell.name / f"seed{seed}", config, merged))
     return study, profile, runs
+
+
+def cell_overrides(study: StudyConfig, cell: CellConfig, profile: str | None) -> dict[str, str]:
+    """What the study file sets for a cell under a profile (the command line's overrides and the seed aside)."""
+    return {**flat_overrides(study.overrides), **flat_overrides(study.profiles.get(profile) or {}),
+            **flat_overrides(cell.overrides), **flat_overrides(cell.profiles.get(profile) or {})}
 
 
 def check_config(run: Run, study_path: Path, lines: dict) -> None:
@@ -234,7 +238,7 @@ def run_study(path: str | os.PathLike, out: str | os.PathLike, profile: str | No
     path, out = Path(path), Path(out)
     study, profile, runs = plan(path, out, profile, count, extra)
     _, lines = load_study(path)
-    check_study_folder(out, path, study, profile, runs, write=not (report_only or dry_run))
+    check_study_folder(out, study, profile, write=not (report_only or dry_run))
     selected = select(runs, study, cells, seed_index, only)
     failed: list[str] = []
     if not report_only:
@@ -257,14 +261,13 @@ def run_study(path: str | os.PathLike, out: str | os.PathLike, profile: str | No
     return results
 
 
-def check_study_folder(out: Path, path: Path, study: StudyConfig, profile: str | None, runs: list[Run],
-                       write: bool) -> None:
+def check_study_folder(out: Path, study: StudyConfig, profile: str | None, write: bool) -> None:
     """Refuse to mix profiles or changed cells in one study folder: finished runs are skipped, so a changed
-    cell would silently put old and new settings in one row."""
+    cell would silently put old and new settings in one row. Command-line overrides are not compared (a data
+    root differs between machines); a run's own resume check covers them for unfinished runs."""
     spec = {"study": study.name, "profile": profile,
-            "cells": {r.cell: {"config": str(r.config),
-                               "overrides": {k: v for k, v in r.overrides.items() if k != "train.seed"}}
-                      for r in runs}}
+            "cells": {c.name: {"config": c.config or study.config, "overrides": cell_overrides(study, c, profile)}
+                      for c in study.cells}}
     stored_path = out / "study.json"
     if stored_path.exists():
         stored = json.loads(stored_path.read_text())
