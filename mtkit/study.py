@@ -238,16 +238,17 @@ def run_study(path: str | os.PathLike, out: str | os.PathLike, profile: str | No
     path, out = Path(path), Path(out)
     study, profile, runs = plan(path, out, profile, count, extra)
     _, lines = load_study(path)
-    check_study_folder(out, study, profile, write=not (report_only or dry_run))
     selected = select(runs, study, cells, seed_index, only)
+    if launcher and jobs > 1 and not report_only:
+        raise StudyError("--jobs > 1 with --launcher: parallel multi-rank launches on one machine would share "
+                         "a rendezvous port; run one at a time, or one run per job with --only")
+    if not report_only:
+        for run in {r.cell: r for r in reversed(selected)}.values():  # seeds differ only in train.seed
+            check_config(run, path, lines)
+    check_study_folder(out, study, profile, write=not (report_only or dry_run))
     failed: list[str] = []
     if not report_only:
-        for run in selected:
-            check_config(run, path, lines)
         launch = shlex.split(launcher) if launcher else [sys.executable]
-        if launcher and jobs > 1:
-            raise StudyError("--jobs > 1 with --launcher: parallel multi-rank launches on one machine would share "
-                             "a rendezvous port; run one at a time, or one run per job with --only")
         if dry_run:
             for run in selected:
                 print(shlex.join(run.command(launch)))
