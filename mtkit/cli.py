@@ -1,4 +1,4 @@
-"""`mtkit` command line: train, eval, export, config, diagnose, clean_shm (`mtkit --help` lists them).
+"""`mtkit` command line: train, eval, export, config, diagnose, study, clean_shm (`mtkit --help` lists them).
 
     mtkit train --config configs/debug_tiny.yaml --out runs/tiny --train.seed=3 --tasks.sst.lr=1e-3
     mtkit train --config ... --out DIR --resume auto   # continue; --overwrite: start over; --quiet
@@ -6,6 +6,7 @@
     mtkit config configs/x.yaml [--a.b=value ...]     # print the resolved config
     mtkit export RUN_DIR [--out DIR] [--normalize] [--push-to-hub USER/REPO [--private]]
     mtkit diagnose RUN_DIR
+    mtkit study configs/studies/x.yaml --out DIR [--jobs N] [--profile quick|full]   # cells x seeds -> table
     mtkit clean_shm                                   # free DeepSpeed memory leaked by dead launches
 
 `mtkit train` is `launchers/train.py`: one exact argparse parser (`mtkit.args`) whose `--help` lists every
@@ -136,6 +137,23 @@ class CLI:
         plot_run(run_dir, path)
         print(f"plot: {path}")
 
+    def study(self, study: str, out: str, jobs: int = 1, seeds: int | None = None, profile: str | None = None,
+              cells: str | tuple | None = None, seed_index: int | None = None, only: str | None = None,
+              launcher: str | None = None, report_only: bool = False, dry_run: bool = False):
+        """Run a study (cells x seeds, each in OUT/<cell>/seed<k>; finished runs are skipped) and write
+        OUT/table.md, table.csv, results.json and chart.png. --cells a,b, --seed-index I or --only CELL/seedK
+        select runs (one job each on a cluster); --launcher "deepspeed --num_gpus 8" replaces python;
+        --report-only gathers the table; --dry-run prints the commands. Other flags override every run."""
+        from mtkit.study import StudyError, run_study
+        selected = cells.split(",") if isinstance(cells, str) else list(cells) if cells else None
+        try:
+            results = run_study(study, out, profile, jobs, seeds, selected, seed_index, only,
+                                self._overrides, launcher, report_only, dry_run)
+        except (config_mod.ConfigError, StudyError, OSError) as e:
+            _fail(e)
+        if results:
+            print((Path(out) / "table.md").read_text())
+
     def clean_shm(self):
         """Remove DeepSpeed CPU all-reduce workspaces in /dev/shm (RAM) that no live process maps.
 
@@ -171,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in vars(CLI) or argv[0].startswith("_"):
         print(f"{usage()}\n\nerror: unknown command {argv[0]!r}", file=sys.stderr)
         sys.exit(2)
-    rest, overrides = split_overrides(argv[1:]) if argv[0] in ("eval", "config") else (argv[1:], {})
+    rest, overrides = split_overrides(argv[1:]) if argv[0] in ("eval", "config", "study") else (argv[1:], {})
     progress.setup_logging()
     fire.Fire(CLI(overrides), command=[argv[0], *rest], name="mtkit")
 
