@@ -39,7 +39,8 @@ Formats (``fmt``):
     tab-separated (cs224n/tsv), else csv.
 
 Files may have a UTF-8 BOM, CRLF line endings and no final newline. The public corpora (sick, mrpc,
-semeval_sts) hold raw text with unbalanced quotes, so they are split on tabs with no quote processing. Blank lines are skipped.
+semeval_sts) hold raw text with unbalanced quotes, so they are split on tabs with no quote processing.
+Blank lines are skipped.
 Line numbers in errors count physical lines (a quoted field may span several); bytes that are not UTF-8
 are reported at their line.
 """
