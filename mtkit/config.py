@@ -69,6 +69,12 @@ class TaskConfig:
     max_eval: Optional[int] = None
     calibrate: float = 0.0              # binary tasks: hold out this share of train (seeded by train.seed)
                                         # and set the decision threshold on it (Platt scaling) at evaluation
+    eval_only: bool = False             # no head, never trained: scored from the encoder's embeddings at every
+                                        # evaluation (out-of-distribution data); see mtkit.evaluate
+    probe_split: Optional[str] = None   # eval-only classification: the split its logistic probe is fitted on
+    threshold_split: Optional[str] = None  # eval-only binary pairs: the split the cosine threshold is chosen on
+    eval_with: Optional[str] = None     # eval-only, with model.task_layers: the trained task whose encoder
+                                        # top embeds this task's texts
 
     @property
     def joint(self) -> bool:
@@ -178,9 +184,13 @@ class Config:
                 return t
         raise KeyError(f"no task named {name!r}; tasks: {[t.name for t in self.tasks]}")
 
+    def trained_tasks(self) -> list[TaskConfig]:
+        """The tasks that have a head and are trained: all but the eval-only ones."""
+        return [t for t in self.tasks if not t.eval_only]
+
     def micro_batches_per_step(self) -> int:
         """Backward passes per optimizer step: grad_accum, times the task count in joint mode."""
-        return self.train.grad_accum * (len(self.tasks) if self.train.strategy != "none" else 1)
+        return self.train.grad_accum * (len(self.trained_tasks()) if self.train.strategy != "none" else 1)
 
     def data_root(self) -> Path:
         return Path(self.data.root or os.environ.get("MTKIT_DATA") or "../shared/data")
@@ -557,17 +567,20 @@ def validate(cfg: Config, source: str = "<config>", where: _Where | None = None)
             fail("train.device", "cuda", "CUDA is not available on this machine; use auto or cpu")
 
     _validate_tasks(cfg, fail, check)
-    names = [t.name for t in cfg.tasks]
+    _validate_eval_only(cfg, fail)
+    names = [t.name for t in cfg.trained_tasks()]
     if cfg.train.strategy != "none" and cfg.diagnostics.mode == "stream":
         fail("diagnostics.mode", "stream", "stream reads one task's gradient per step; joint strategies "
              "put every task in a step (use probe)")
     if cfg.train.strategy != "none" and (cfg.data.steps_per_epoch or len(names)) < len(names):
         fail("data.steps_per_epoch", cfg.data.steps_per_epoch,
              f"a joint step takes one batch of each of the {len(names)} tasks; use at least {len(names)}")
-    choices = ["overall"] + [f"{t.name}.{m}" for t in cfg.tasks if t.dev for m in dev_metrics(t)]
+    choices = ["overall"] + [f"{t.name}.{m}" for t in cfg.trained_tasks() if t.dev for m in dev_metrics(t)]
     if cfg.train.select_metric not in choices:
+        evaluated_only = [t.name for t in cfg.tasks if t.eval_only]
         fail("train.select_metric", cfg.train.select_metric, f"choose one of {choices} (a task's metrics "
-             "exist only when it has a dev split)")
+             "exist only when it has a dev split" + (f"; eval-only tasks ({', '.join(evaluated_only)}) never pick "
+                                                     "the checkpoint" if evaluated_only else "") + ")")
     if cfg.train.mode == "lp_ft" and cfg.train.lp_steps <= 0:
         fail("train.lp_steps", cfg.train.lp_steps, "train.mode = lp_ft needs train.lp_steps > 0")
     if cfg.train.mode == "lp_ft" and cfg.train.max_steps is not None and cfg.train.lp_steps >= cfg.train.max_steps:
@@ -614,7 +627,7 @@ def _validate_tasks(cfg: Config, fail, check) -> None:
             value = getattr(t, field_name)
             if value is not None and not ok(value):
                 fail(f"{key}.{field_name}", value, valid)
-        if not t.train:
+        if not t.train and not t.eval_only:
             fail(f"{key}.train", t.train, "every task needs a train split (a file or hf:NAME@SPLIT)")
         roles = set(DEFAULT_COLUMNS[t.kind])
         for columns in ("columns", "hub_columns"):
@@ -638,6 +651,72 @@ def _validate_tasks(cfg: Config, fail, check) -> None:
         if t.label_range is not None and not (len(t.label_range) == 2 and all(map(_finite, t.label_range))
                                               and t.label_range[0] < t.label_range[1]):
             fail(f"{key}.label_range", t.label_range, "use [low, high] with low < high")
+
+
+EVAL_ONLY_FIT = {"classification": "probe_split", "pair_classification": "threshold_split"}
+
+
+def _validate_eval_only(cfg: Config, fail) -> None:
+    """An eval-only task is scored on its test split (its dev split when it declares no test), and what is
+    fitted for it (a probe, a threshold) is fitted on another declared split of its own: never on the
+    split it is scored on, never on a test split."""
+    trained = [t.name for t in cfg.trained_tasks()]
+    if not trained:
+        fail("tasks", [t.name for t in cfg.tasks], "every task is eval_only; at least one task must train")
+    for t in cfg.tasks:
+        key = f"tasks.{t.name}"
+        fit_field = EVAL_ONLY_FIT.get(t.kind)
+        for name in ("probe_split", "threshold_split", "eval_with"):
+            value = getattr(t, name)
+            if value is None:
+                continue
+            if not t.eval_only:
+                fail(f"{key}.{name}", value, "only for tasks with eval_only: true")
+            if name != "eval_with" and name != fit_field:
+                fail(f"{key}.{name}", value, f"an eval-only {t.kind} task fits "
+                     + (f"its {fit_field}, not a {name}" if fit_field else "nothing"))
+        if not t.eval_only:
+            continue
+        if t.kind == "sentences":
+            fail(f"{key}.kind", t.kind, "unlabelled sentences have nothing to score; an eval-only task is "
+                 "pair_regression, pair_classification, classification or contrastive")
+        if not (t.dev or t.test):
+            fail(f"{key}.test", t.test, "an eval-only task needs a test (or dev) split to be scored on")
+        scored = "test" if t.test else "dev"
+        if t.calibrate:
+            fail(f"{key}.calibrate", t.calibrate, "an eval-only task has no head to calibrate")
+        if t.joint:
+            fail(f"{key}.decoder", t.decoder, "an eval-only task is scored from sentence embeddings; a "
+                 "cross-encoder decoder needs a trained head")
+        if t.kind == "pair_classification" and _label_count(t) != 2:
+            fail(f"{key}.num_labels", _label_count(t), "an eval-only pair_classification task is scored by a "
+                 "cosine threshold: it needs 2 labels")
+        if fit_field:
+            split = getattr(t, fit_field)
+            what = "the logistic probe is fitted" if fit_field == "probe_split" else "the cosine threshold is chosen"
+            if split is None:
+                fail(f"{key}.{fit_field}", split, f"name the split {what} on: train or dev (declared by the task, "
+                     f"not the {scored} split it is scored on)")
+            if split not in ("train", "dev"):
+                fail(f"{key}.{fit_field}", split, f"use train or dev: {what} on it, and fitting on test data "
+                     "would tune on what is reported")
+            if split == scored:
+                fail(f"{key}.{fit_field}", split, f"{what} on it but the task is scored on its {scored} split "
+                     "(it declares no test); declare a test split or fit on train")
+            if getattr(t, split) is None:
+                fail(f"{key}.{fit_field}", split, f"the task declares no {split} split")
+        fits_on_train = fit_field is not None and getattr(t, fit_field) == "train"
+        if t.train and not fits_on_train:
+            fail(f"{key}.train", t.train, "an eval-only task is never trained; a train split is only read as "
+                 "its probe_split/threshold_split")
+        if t.name in {n for members in cfg.model.task_groups.values() for n in members}:
+            fail("model.task_groups", cfg.model.task_groups, f"{t.name!r} is eval_only and has no encoder top; "
+                 f"set tasks.{t.name}.eval_with to the task whose top embeds it")
+        if t.eval_with is not None and t.eval_with not in trained:
+            fail(f"{key}.eval_with", t.eval_with, f"name a trained task, one of {trained}")
+        if cfg.model.task_layers and t.eval_with is None:
+            fail(f"{key}.eval_with", t.eval_with, f"with model.task_layers the encoder's top layers belong to "
+                 f"trained tasks; name the one whose top embeds this eval-only task, one of {trained}")
 
 
 def _validate_encoder(model: ModelConfig, fail, where: _Where) -> None:

@@ -4,9 +4,14 @@ Each unique sentence of a split (each pair, for a cross-encoder task) is embedde
 repeat many), in length-sorted batches, then the head runs on the gathered embeddings. With W ranks every
 rank embeds a contiguous shard of the sentences and the shards are gathered, so the metrics equal
 single-process evaluation of the same weights.
+
+Eval-only tasks (`eval_only: true`, out-of-distribution data) have no head: `evaluate_eval_only` scores
+them from the embeddings alone, on their test split (dev when they declare none), at every evaluation.
+They never enter the CS224N overall score, so they cannot pick the checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +127,9 @@ def evaluate(model, tasks: dict[str, TaskData], split: str, batch_size: int, dev
     try:
         for name, task in tasks.items():
             kind = task.cfg.kind
+            if task.cfg.eval_only:  # scored on its own held-out split, whichever split is asked for
+                results[name] = evaluate_eval_only(model, task, batch_size, device, gather)
+                continue
             if split not in task.splits or kind == "sentences":  # unlabelled sentences: nothing to score
                 continue
             res = predict_task(model, task, split, batch_size, device, gather)
@@ -146,6 +154,128 @@ def evaluate(model, tasks: dict[str, TaskData], split: str, batch_size: int, dev
     if scores:
         results["overall"] = float(np.mean(scores))
     return results
+
+
+# ---------------------------------------------------------------- eval-only tasks
+
+PROBE_C = 1.0  # inverse L2 strength of the logistic probe, fixed: choosing it on OOD data would tune on them
+
+
+def evaluate_eval_only(model, task: TaskData, batch_size: int, device, gather=None) -> dict[str, float]:
+    """Metrics of an eval-only task from the encoder's embeddings of its scored split (test, else dev):
+
+    * pair_regression: Spearman and Pearson of the embedding cosine with the gold scores (the SBERT /
+      SimCSE protocol), per group (SemEval STS genre) and over the year, pooled and as the mean of the
+      genres, when the examples have groups;
+    * pair_classification (binary): the cosine above a threshold chosen for accuracy on `threshold_split`;
+    * classification: SentEval's logistic-regression probe on standardised embeddings, fitted on
+      `probe_split` (L2, fixed C = PROBE_C);
+    * contrastive: triplet accuracy (the anchor closer to its positive than to its negative).
+    """
+    cfg = task.cfg
+    scored = "test" if "test" in task.splits else "dev"
+    emb = _embed_eval_only(model, task, scored, batch_size, device, gather)             # [n_texts, N, H]
+    labels = np.asarray([e.label for e in task.splits[scored].examples])
+    if cfg.kind == "contrastive":
+        closer = F.cosine_similarity(emb[0], emb[1], dim=-1) > F.cosine_similarity(emb[0], emb[2], dim=-1)
+        return {"triplet_acc": float(closer.float().mean())}
+    if cfg.kind == "pair_regression":
+        groups = [e.group for e in task.splits[scored].examples]
+        return cosine_correlations(_cosine(emb), labels, groups if groups[0] is not None else None)
+    if cfg.kind == "pair_classification":
+        fit = cfg.threshold_split
+        fit_labels = np.asarray([e.label for e in task.splits[fit].examples])
+        threshold = best_threshold(_cosine(_embed_eval_only(model, task, fit, batch_size, device, gather)),
+                                   fit_labels)
+        out = metrics_for(cfg.kind, {"pred": (_cosine(emb) > threshold).astype(int)}, labels)
+        return {**out, "threshold": threshold}
+    fit = cfg.probe_split
+    features = _embed_eval_only(model, task, fit, batch_size, device, gather)[0].double().numpy()
+    n_classes = cfg.num_labels or len(cfg.label_names)
+    probe = LogisticProbe.fit(features, np.asarray([e.label for e in task.splits[fit].examples]), n_classes)
+    return metrics_for(cfg.kind, {"pred": probe.predict(emb[0].double().numpy())}, labels)
+
+
+def _embed_eval_only(model, task: TaskData, split: str, batch_size: int, device, gather) -> torch.Tensor:
+    # embed_split picks the encoder top by task name; an eval-only task has no top of its own, so with
+    # task-specific layers it is embedded under the name of the trained task it borrows one from.
+    if model.top_of and task.cfg.eval_with is not None:
+        task = dataclasses.replace(task, cfg=dataclasses.replace(task.cfg, name=task.cfg.eval_with))
+    return embed_split(model, task, split, batch_size, device, gather)
+
+
+def _cosine(emb: torch.Tensor) -> np.ndarray:
+    return F.cosine_similarity(emb[0], emb[1], dim=-1).double().numpy()
+
+
+def cosine_correlations(cosine: np.ndarray, labels: np.ndarray, groups: list[str] | None = None) -> dict[str, float]:
+    """cosine_pearson / cosine_spearman; with groups, `<group>/...` for each, `pooled/...` over all pairs
+    together and `mean/...`, the unweighted mean over groups (the two ways STS years are reported)."""
+    if groups is None:
+        return {"cosine_pearson": _pearson(cosine, labels), "cosine_spearman": _spearman(cosine, labels)}
+    out: dict[str, float] = {}
+    names = sorted(set(groups))
+    for name in names:
+        mask = np.asarray([g == name for g in groups])
+        out.update({f"{name}/{k}": v for k, v in cosine_correlations(cosine[mask], labels[mask]).items()})
+    out.update({f"pooled/{k}": v for k, v in cosine_correlations(cosine, labels).items()})
+    for k in ("cosine_pearson", "cosine_spearman"):
+        out[f"mean/{k}"] = float(np.mean([out[f"{name}/{k}"] for name in names]))
+    return out
+
+
+def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The threshold t for `score > t` -> 1 with the highest accuracy on (scores, labels) [N], halfway
+    between two consecutive distinct scores (or half a unit beyond them all); ties go to the higher t."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order].astype(np.float64), labels[order]
+    # Predicting the top k as positive is right on the positives among them and the negatives after them.
+    positives_top = np.concatenate([[0], np.cumsum(y == 1)])                               # [N + 1]
+    negatives_top = np.concatenate([[0], np.cumsum(y == 0)])
+    correct = positives_top + (negatives_top[-1] - negatives_top)
+    cut = np.concatenate([[True], s[:-1] > s[1:], [True]])  # a threshold cannot split equal scores
+    k = int(np.argmax(np.where(cut, correct, -1)))
+    padded = np.concatenate([[s[0] + 1.0], s, [s[-1] - 1.0]])
+    return float((padded[k] + padded[k + 1]) / 2)
+
+
+@dataclasses.dataclass
+class LogisticProbe:
+    """Multinomial logistic regression on standardised features (SentEval's probe): minimises
+    mean cross-entropy + |W|^2 / (2 C N), the bias unpenalised, which is scikit-learn's
+    LogisticRegression(C) objective (C * sum of losses + |W|^2 / 2) divided by C N."""
+
+    mean: np.ndarray    # [D]
+    scale: np.ndarray   # [D]
+    weight: np.ndarray  # [D, K]
+    bias: np.ndarray    # [K]
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, n_classes: int, c: float = PROBE_C) -> "LogisticProbe":
+        mean, scale = x.mean(0), x.std(0)
+        scale[scale == 0] = 1.0  # a constant feature carries nothing; leave it at 0
+        z = (x - mean) / scale                                                         # [N, D]
+        n, d = z.shape
+        onehot = np.eye(n_classes)[y]                                                  # [N, K]
+
+        def loss(params):
+            w, b = params[:d * n_classes].reshape(d, n_classes), params[d * n_classes:]
+            logits = z @ w + b
+            log_p = logits - special.logsumexp(logits, axis=1, keepdims=True)
+            err = (np.exp(log_p) - onehot) / n                                         # d loss / d logits
+            value = -(onehot * log_p).sum() / n + (w ** 2).sum() / (2 * c * n)
+            return value, np.concatenate([(z.T @ err + w / (c * n)).ravel(), err.sum(0)])
+
+        start = np.zeros(d * n_classes + n_classes)
+        params = optimize.minimize(loss, start, jac=True, method="L-BFGS-B",
+                                   options={"maxiter": 2000, "gtol": 1e-8}).x
+        return cls(mean, scale, params[:d * n_classes].reshape(d, n_classes), params[d * n_classes:])
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) / self.scale) @ self.weight + self.bias
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.logits(x).argmax(-1)
 
 
 def write_predictions(path: Path, kind: str, result: dict) -> None:

@@ -53,7 +53,7 @@ def engine_name(cfg: Config, dist: Dist) -> str:
 
 
 def make_sampler(cfg: Config, tasks: dict, dist: Dist) -> TaskBatchSampler:
-    train_tasks = {n: t for n, t in tasks.items() if "train" in t.splits}
+    train_tasks = {n: t for n, t in tasks.items() if "train" in t.splits and not t.cfg.eval_only}
     lengths = {n: t.splits["train"].lengths() for n, t in train_tasks.items()}
     batch = {n: t.cfg.batch_size or cfg.train.batch_size for n, t in train_tasks.items()}
     schedule, steps_per_epoch = cfg.data.schedule, cfg.data.steps_per_epoch
@@ -102,7 +102,8 @@ def run(cfg: Config, out: str | Path, resume: str | None = None, overwrite: bool
         from torch.utils.tensorboard import SummaryWriter
         # Events past the checkpoint, logged before a crash, are hidden: every step shows once.
         writer = SummaryWriter(str(out / "tb"), purge_step=start.step + 1 if start.checkpoint else None)
-    hooks = _diagnostics_hooks(cfg, model, tasks, dist, writer, out)
+    trained = {n: t for n, t in tasks.items() if not t.cfg.eval_only}  # eval-only: no gradients to observe
+    hooks = _diagnostics_hooks(cfg, model, trained, dist, writer, out)
     joint = _joint_step(cfg, engine)
     result = loop.train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, start.checkpoint,
                         joint)

@@ -235,7 +235,8 @@ def test_crlf_error_lines_are_physical(tmp_path):
          ("missing column(s) 'sentiment'", "columns found: ['', 'id', 'sentence', 'label']"), {}),
         ("sst.csv", SST.split("\n")[0] + "\n", None, ("no rows",), {}),
         ("sst.csv", "", None, ("empty file",), {}),
-        ("sst.csv", SST, None, ("unknown format 'xml'", "valid formats: auto, cs224n, csv, hf, jsonl, lines, tsv"),
+        ("sst.csv", SST, None, ("unknown format 'xml'",
+                                 "valid formats: auto, cs224n, csv, hf, jsonl, lines, mrpc, semeval_sts, sick, tsv"),
          {"fmt": "xml"}),
         ("sst.csv", SST, None, ("unknown task kind 'sentiment'", "valid kinds: classification"),
          {"kind": "sentiment"}),
@@ -314,6 +315,151 @@ def test_unlabelled_read_ignores_empty_labels(tmp_path):
     assert read_examples(path, kind="pair_classification", labelled=False) == [Example("a", ("x", "y"), None)]
 
 
+# --- the public corpora: SICK, MRPC, SemEval STS ----------------------------------------------
+# Raw text with unbalanced quotes and CRLF line endings, split on tabs with no quote processing.
+
+SICK = ("pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n"
+        '12\tA man says "hello\tA man speaks\t4.5\tENTAILMENT\n'
+        '40\t"The cat\tA dog" runs\t1.2\tNEUTRAL\n')
+
+
+@pytest.mark.parametrize("fmt", ["auto", "sick"])
+def test_sick_relatedness_and_entailment(tmp_path, fmt):
+    path = write(tmp_path, "SICK_test_annotated.txt", SICK, newline="\r\n")
+    assert read_examples(path, kind="pair_regression", fmt=fmt, label_range=(1, 5)) == [
+        Example("12", ('A man says "hello', "A man speaks"), 4.5),
+        Example("40", ('"The cat', 'A dog" runs'), 1.2),
+    ]
+    labels = ["NEUTRAL", "ENTAILMENT", "CONTRADICTION"]
+    examples = read_examples(path, kind="pair_classification", fmt=fmt, label_names=labels)
+    assert [(e.id, e.label) for e in examples] == [("12", 1), ("40", 0)]
+    # With csv quoting the opening quote would swallow the tab after it: an error, not the corpus's text.
+    with pytest.raises(DataError):
+        read_examples(path, kind="pair_regression", fmt="tsv",
+                      columns={"id": "pair_ID", "text1": "sentence_A", "text2": "sentence_B",
+                               "label": "relatedness_score"})
+
+
+@pytest.mark.parametrize(
+    "text, line, problem, kwargs",
+    [
+        (SICK.replace("\t1.2\t", "\tsimilar\t"), 3, ("label 'similar'", "'relatedness_score'", "not a number"), {}),
+        (SICK.replace("\t1.2\t", "\t0.5\t"), 3, ("label '0.5'", "outside [1.0, 5.0]"), {"label_range": (1.0, 5.0)}),
+        (SICK.replace("\t4.5\tENTAILMENT", "\t4.5"), 2, ("row has 4 fields but the header has 5",), {}),
+        (SICK.replace("\tA man speaks", "\t "), 2, ("empty sentence in column 'sentence_B'",), {}),
+        (SICK.replace("sentence_A", "sentence_1"), 1, ("missing column(s) 'sentence_A'",), {}),
+        (SICK, None, ("the sick format holds sentence pairs for kind(s) pair_regression, pair_classification",
+                      "a classification task cannot read it"), {"kind": "classification"}),
+    ],
+)
+def test_sick_errors(tmp_path, text, line, problem, kwargs):
+    path = write(tmp_path, "SICK_train.txt", text, newline="\r\n")
+    raises_at(path, line, *problem, **{"kind": "pair_regression", **kwargs})
+
+
+MRPC = ("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+        '1\t101\t102\tShe said " it is over .\tIt is over , " she said .\n'
+        "0\t103\t104\tPrices rose 5 % .\tPrices fell 's sharply .\n")
+
+
+@pytest.mark.parametrize("fmt", ["auto", "mrpc"])
+def test_mrpc_bom_crlf_and_quotes(tmp_path, fmt):
+    path = write(tmp_path, "msr_paraphrase_test.txt", MRPC, newline="\r\n", bom=True)
+    assert read_examples(path, kind="pair_classification", fmt=fmt, num_labels=2) == [
+        Example("2", ('She said " it is over .', 'It is over , " she said .'), 1),
+        Example("3", ("Prices rose 5 % .", "Prices fell 's sharply ."), 0),
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, line, problem, kwargs",
+    [
+        (MRPC.replace("0\t103", "2\t103"), 3, ("label '2'", "'Quality'", "out of range [0, 2)"), {"num_labels": 2}),
+        (MRPC.replace("\t104\t", "\t104\t\t"), 3, ("row has 6 fields but the header has 5",), {}),
+        (MRPC.replace("#1 String", "String 1"), 1, ("missing column(s) '#1 String'",), {}),
+        (MRPC, None, ("the mrpc format holds sentence pairs for kind(s) pair_classification",),
+         {"kind": "pair_regression"}),
+    ],
+)
+def test_mrpc_errors(tmp_path, text, line, problem, kwargs):
+    path = write(tmp_path, "msr_paraphrase_train.txt", text, newline="\r\n", bom=True)
+    raises_at(path, line, *problem, **{"kind": "pair_classification", **kwargs})
+
+
+def sts_year(tmp_path: Path, genres: dict[str, tuple[str, str]], newline: str = "\n") -> Path:
+    """A SemEval STS year folder: genre -> (STS.input text, STS.gs text)."""
+    folder = tmp_path / "STS13"
+    folder.mkdir(parents=True, exist_ok=True)
+    for genre, (pairs, gold) in genres.items():
+        write(folder, f"STS.input.{genre}.txt", pairs, newline=newline)
+        write(folder, f"STS.gs.{genre}.txt", gold, newline=newline)
+        if "\xff" in gold:  # bytes that are not UTF-8
+            (folder / f"STS.gs.{genre}.txt").write_bytes(gold.encode("latin-1"))
+    return folder
+
+
+HEADLINES = ('Bank "cuts rates\tBank lowers rates\nStorm hits coast\tA storm reached the coast\n'
+             "Team wins cup\tThe team lost\n", "4.2\n\n1.0\n")
+ONWN = ("a kind of tree\ta tall plant\tsource-a\tsource-b\n", "3\n")
+
+
+@pytest.mark.parametrize("fmt", ["auto", "semeval_sts"])
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_semeval_sts_year_folder(tmp_path, caplog, fmt, newline):
+    folder = sts_year(tmp_path, {"headlines": HEADLINES, "surprise.OnWN": ONWN}, newline)
+    with caplog.at_level(logging.WARNING, logger="mtkit.tasks"):
+        examples = read_examples(folder, kind="pair_regression", fmt=fmt, label_range=(0, 5))
+    # Genres in name order; the unscored pair (empty gold line 2) is skipped; extra columns are ignored.
+    assert examples == [
+        Example("headlines-1", ('Bank "cuts rates', "Bank lowers rates"), 4.2, "headlines"),
+        Example("headlines-3", ("Team wins cup", "The team lost"), 1.0, "headlines"),
+        Example("surprise.OnWN-1", ("a kind of tree", "a tall plant"), 3.0, "surprise.OnWN"),
+    ]
+    assert "skipped 1 row(s)" in caplog.text and "line 2 (id headlines-2)" in caplog.text
+
+
+def test_semeval_sts_errors(tmp_path):
+    def raises(genres, where, line, *problem, **kwargs):
+        """Reading the year folder fails at `where` (a file of it, or the folder when None), `line`."""
+        folder = sts_year(tmp_path / str(len(list(tmp_path.iterdir()))), genres)
+        with pytest.raises(DataError) as info:
+            read_examples(folder, kind="pair_regression", fmt="semeval_sts", **kwargs)
+        assert (info.value.path, info.value.line) == (str(folder / where if where else folder), line), info.value
+        for part in problem:
+            assert part in str(info.value), str(info.value)
+
+    pairs, gold = HEADLINES
+    raises({"headlines": (pairs, "4.2\n\nhigh\n")}, "STS.gs.headlines.txt", 3, "label 'high'", "not a number")
+    raises({"headlines": (pairs, "4.2\n\n5.5\n")}, "STS.gs.headlines.txt", 3, "label '5.5'", "outside [0, 5]",
+           label_range=(0, 5))
+    raises({"headlines": (pairs.replace("Team wins cup\t", "Team wins cup "), gold)}, "STS.input.headlines.txt",
+           3, "expected two tab-separated sentences, found no tab")
+    raises({"headlines": (pairs.replace("Team wins cup", " "), gold)}, "STS.input.headlines.txt", 3,
+           "empty sentence in column 'sentence1'")
+    raises({"headlines": (pairs, "4.2\n1.0\n")}, "STS.gs.headlines.txt", None,
+           "2 gold lines but 3 sentence pairs in", "STS.input.headlines.txt")
+    raises({"headlines": (pairs, gold), "OnWN": ("x\ty\n", "\xff\n")}, "STS.gs.OnWN.txt", 1, "not UTF-8 text",
+           "byte(s) ff")
+    raises({}, None, None, "no STS.input.<genre>.txt files in this folder")
+    raises({"headlines": (pairs, "\n\n\n")}, None, None, "all 3 rows have an empty label")
+    raises({"headlines": HEADLINES}, None, None, "missing column(s) 'sim'", columns={"label": "sim"})
+    folder = sts_year(tmp_path / "x", {"headlines": HEADLINES})
+    (folder / "STS.gs.headlines.txt").unlink()
+    with pytest.raises(DataError) as info:
+        read_examples(folder, kind="pair_regression")
+    assert (info.value.path, info.value.line) == (str(folder / "STS.gs.headlines.txt"), None)
+    assert "file not found: genre 'headlines' has sentence pairs" in str(info.value)
+    raises_at(folder / "STS.input.headlines.txt", None, "reads a folder", kind="pair_regression", fmt="semeval_sts")
+    raises_at(folder, None, "a classification task cannot read it", kind="classification", fmt="semeval_sts")
+
+
+def test_generic_tsv_reads_an_eval_only_split(tmp_path):
+    # Eval-only tasks read their test split with labels; the generic readers do so with labelled=True.
+    path = write(tmp_path, "ood.tsv", "a\tb\tscore\nx y\tx z\t3.5\n")
+    columns = {"text1": "a", "text2": "b", "label": "score"}
+    assert read_examples(path, kind="pair_regression", columns=columns) == [Example("2", ("x y", "x z"), 3.5)]
+
+
 # --- real data ---------------------------------------------------------------------------------
 
 
@@ -358,3 +504,12 @@ def test_real_sst_test_student():
     examples = read_examples(real("sst/ids-sst-test-student.csv"), kind="classification", labelled=False)
     assert len(examples) == 2210
     assert all(e.label is None and len(e.id) == 25 for e in examples)
+
+
+@pytest.mark.parametrize("name, rows", [("SICK_train.txt", 4500), ("SICK_trial.txt", 500),
+                                        ("SICK_test_annotated.txt", 4927)])
+def test_real_sick(name, rows):
+    examples = read_examples(real(f"ood/sick/{name}"), kind="pair_regression", label_range=(1, 5))
+    assert len(examples) == rows and len({e.id for e in examples}) == rows
+    labels = ["NEUTRAL", "ENTAILMENT", "CONTRADICTION"]
+    assert len(read_examples(real(f"ood/sick/{name}"), kind="pair_classification", label_names=labels)) == rows

@@ -69,7 +69,7 @@ IN_FILE = {
                              "tasks.sts.label_range = [5.0, 0.0]; use [low, high] with low < high"),
     "unknown_format": ("    num_labels: 5", "    num_labels: 5\n    format: xls",
                        "tasks.sst.format = 'xls'; choose one of ['auto', 'cs224n', 'csv', 'hf', 'jsonl', 'lines', "
-                       "'tsv']"),
+                       "'mrpc', 'semeval_sts', 'sick', 'tsv']"),
     "unknown_column_role": ("    num_labels: 5", "    num_labels: 5\n    columns: {txt: sentence}",
                             "tasks.sst.columns = {'txt': 'sentence'}; unknown role(s) ['txt'] for a classification "
                             "task; roles: ['id', 'label', 'text']"),

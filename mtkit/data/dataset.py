@@ -88,7 +88,7 @@ def load_tasks(cfg: Config, tokenizer, splits=("train", "dev", "test")) -> dict[
                                 f"not found, and the hub copy failed ({e.problem}). Put the CS224N files "
                                 f"under the data root (data.root or MTKIT_DATA; currently {root})") from None
             sources[split] = src
-        if "train" in splits and "train" not in loaded:
+        if "train" in splits and "train" not in loaded and not task.eval_only:
             raise DataError(f"<config task {task.name}>", None, "a task needs a train split")
         if task.calibrate and "train" in loaded:
             loaded["train"], loaded["calib"] = hold_out(loaded["train"], task.calibrate, cfg.train.seed)
@@ -117,13 +117,13 @@ def _load_split(task: TaskConfig, split: str, src: str, fmt: str, columns: dict,
     examples = read_examples(src, kind=task.kind, fmt=fmt, columns=columns or None,
                              num_labels=task.num_labels, label_names=task.label_names,
                              label_range=tuple(task.label_range) if task.label_range else None,
-                             labelled=split != "test")
+                             labelled=split != "test" or task.eval_only)  # eval-only tasks are scored on test
     if limit is not None:
         examples = examples[:limit]
     tokenized = tokenize(task, examples, tokenizer, max_length, split)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"examples": [(e.id, e.texts, e.label) for e in examples], "tokens": tokenized.tokens,
+    torch.save({"examples": [(e.id, e.texts, e.label, e.group) for e in examples], "tokens": tokenized.tokens,
                 "segments": tokenized.segments}, tmp)
     os.replace(tmp, cached)  # atomic, so concurrent ranks never read half a file
     return tokenized
@@ -152,11 +152,12 @@ def tokenize(task: TaskConfig, examples: list[Example], tokenizer, max_length: i
 def _cache_key(task, split, src, fmt, columns, limit, tokenizer, max_length) -> str:
     stat = ""
     if not src.startswith("hf:") and os.path.exists(src):
-        st = os.stat(src)
-        stat = f"{os.path.abspath(src)}:{st.st_size}:{st.st_mtime_ns}"
+        # A folder (a SemEval STS year) is keyed by its files: editing one leaves the folder's mtime alone.
+        files = sorted(os.path.join(src, f) for f in os.listdir(src)) if os.path.isdir(src) else [src]
+        stat = ";".join(f"{os.path.abspath(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files)
     parts = [CACHE_VERSION, src, stat, fmt, sorted(columns.items()), limit, task.kind, task.num_labels,
              task.label_names, task.label_range, split, tokenizer.name_or_path, len(tokenizer), max_length,
-             task.decoder if task.joint else None]
+             task.decoder if task.joint else None, task.eval_only]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 

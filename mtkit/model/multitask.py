@@ -167,5 +167,6 @@ class MultiTaskModel(nn.Module):
 
 
 def build_model(cfg: Config) -> MultiTaskModel:
-    groups = sorted(set(task_groups(cfg.model.task_groups, cfg.tasks).values())) if cfg.model.task_layers else []
-    return MultiTaskModel(Encoder(cfg.model, groups), cfg.tasks, cfg.model.embed_chunk, cfg.model.task_groups)
+    tasks = cfg.trained_tasks()  # eval-only tasks have no head and no encoder top
+    groups = sorted(set(task_groups(cfg.model.task_groups, tasks).values())) if cfg.model.task_layers else []
+    return MultiTaskModel(Encoder(cfg.model, groups), tasks, cfg.model.embed_chunk, cfg.model.task_groups)

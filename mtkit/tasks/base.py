@@ -39,11 +39,13 @@ def get_kind(name: str) -> KindSpec:
 
 @dataclass(frozen=True)
 class Example:
-    """One example: its texts in the kind's role order, and its label (None when unlabelled)."""
+    """One example: its texts in the kind's role order, its label (None when unlabelled), and the part of
+    its dataset it belongs to when that is reported on its own (a SemEval STS genre; else None)."""
 
     id: str
     texts: tuple[str, ...]
     label: int | float | None
+    group: str | None = None
 
 
 class DataError(ValueError):

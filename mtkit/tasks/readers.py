@@ -13,6 +13,20 @@ Formats (``fmt``):
 ``lines``
     Plain text, one sentence per line, for kinds with a single text role and no label
     (``sentences``, or any such kind read with ``labelled=False``).
+``sick``
+    SICK (SemEval-2014 task 1) ``SICK_*.txt``: tab-separated with the header ``pair_ID, sentence_A,
+    sentence_B, relatedness_score, entailment_judgment``, read without quote processing. Default
+    columns: relatedness (1-5) for ``pair_regression``, the entailment judgment for
+    ``pair_classification`` (give ``label_names``).
+``mrpc``
+    The Microsoft Research Paraphrase Corpus ``msr_paraphrase_*.txt``: tab-separated with the header
+    ``Quality, #1 ID, #2 ID, #1 String, #2 String``, read without quote processing; kind
+    ``pair_classification`` (Quality 0/1).
+``semeval_sts``
+    A folder of one SemEval STS year: ``STS.input.<genre>.txt`` (two tab-separated sentences a line;
+    further columns, such as sources, are ignored) with ``STS.gs.<genre>.txt`` (one gold score a line,
+    empty when the pair was not scored: such pairs are skipped). Kind ``pair_regression``; every
+    example carries its genre (``Example.group``) and the id ``<genre>-<line>``.
 ``hf``
     A Hugging Face ``datasets`` dataset named by the path ``hf:NAME[:CONFIG]@SPLIT``, e.g.
     ``hf:SetFit/sst5@train``, ``hf:glue:qqp@validation``, ``hf:sentence-transformers/stsb@test``.
@@ -20,10 +34,13 @@ Formats (``fmt``):
     required and may use ``datasets`` slicing (``train[:1000]``). Line numbers in errors and
     default ids are 0-based row indices.
 ``auto`` (default)
-    ``hf:`` prefix -> hf, ``.jsonl`` -> jsonl, ``.txt`` -> lines; otherwise the header line is
-    sniffed: a tab means tab-separated (cs224n/tsv), else csv.
+    ``hf:`` prefix -> hf; a folder -> semeval_sts; ``SICK*.txt`` -> sick; ``msr_paraphrase*.txt`` ->
+    mrpc; ``.jsonl`` -> jsonl, ``.txt`` -> lines; otherwise the header line is sniffed: a tab means
+    tab-separated (cs224n/tsv), else csv.
 
-Files may have a UTF-8 BOM, CRLF line endings and no final newline. Blank lines are skipped.
+Files may have a UTF-8 BOM, CRLF line endings and no final newline. The public corpora (sick, mrpc,
+semeval_sts) hold raw text with unbalanced quotes, so they are split on tabs with no quote processing.
+Blank lines are skipped.
 Line numbers in errors count physical lines (a quoted field may span several); bytes that are not UTF-8
 are reported at their line.
 """
@@ -60,6 +77,10 @@ DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
 
 # DictReader's restkey: collects fields beyond the header; no real header name can equal it.
 _EXTRA_FIELDS = "\0extra"
+# Row keys a reader may add beside the columns: the example's group (a SemEval STS genre), and the
+# files its text and label come from when they are not `path` (a folder read as one dataset).
+_GROUP = "\0group"
+_FILES = "\0files"
 _HF_PATH = re.compile(r"(?:hf:)?(?P<name>[^:@]+)(?::(?P<config>[^@]+))?@(?P<split>.+)")
 _WARN_EXAMPLES = 5
 
@@ -85,11 +106,13 @@ def _check_columns(path: str, line: int | None, found: Sequence[str], required: 
         raise DataError(path, line, f"column(s) {', '.join(map(repr, twice))} appear more than once")
 
 
-def _read_delimited(path: str, required: Sequence[str], *, delimiter: str) -> Iterator[tuple[int, Row]]:
+def _read_delimited(path: str, required: Sequence[str], *, delimiter: str,
+                    quoting: int = csv.QUOTE_MINIMAL) -> Iterator[tuple[int, Row]]:
     with _open(path) as fp:
         # strict: a stray quote (`"a"b`, or one never closed, which would swallow the rows after it) is an
         # error rather than text silently changed.
-        reader = csv.DictReader(fp, delimiter=delimiter, restkey=_EXTRA_FIELDS, restval=None, strict=True)
+        reader = csv.DictReader(fp, delimiter=delimiter, restkey=_EXTRA_FIELDS, restval=None, strict=True,
+                                quoting=quoting)
         try:
             header = reader.fieldnames
             if header is None:
@@ -162,6 +185,45 @@ def _read_hf(path: str, required: Sequence[str]) -> Iterator[tuple[int, Row]]:
     yield from enumerate(data)
 
 
+def _physical_lines(path: str) -> list[tuple[int, str]]:
+    """(line number, text without its line ending) of a whole file; LF, CR and CRLF each end a line, as
+    csv counts them. No quote processing."""
+    try:
+        with _open(path) as fp:
+            return [(line, text.rstrip("\r\n")) for line, text in enumerate(fp, start=1)]
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _read_semeval_sts(path: str, required: Sequence[str]) -> Iterator[tuple[int, Row]]:
+    """One SemEval STS year: every STS.input.<genre>.txt of the folder with its STS.gs.<genre>.txt."""
+    if not os.path.isdir(path):
+        raise DataError(path, None, "the semeval_sts format reads a folder of STS.input.<genre>.txt and "
+                        "STS.gs.<genre>.txt files, not a file")
+    _check_columns(path, None, list(SEMEVAL_COLUMNS.values()), required)
+    genres = sorted(name[len("STS.input."):-len(".txt")] for name in os.listdir(path)
+                    if name.startswith("STS.input.") and name.endswith(".txt"))
+    if not genres:
+        raise DataError(path, None, "no STS.input.<genre>.txt files in this folder")
+    for genre in genres:
+        inputs = os.path.join(path, f"STS.input.{genre}.txt")
+        gold_path = os.path.join(path, f"STS.gs.{genre}.txt")
+        if not os.path.exists(gold_path):
+            raise DataError(gold_path, None, f"file not found: genre {genre!r} has sentence pairs ({inputs}) "
+                            "but no gold scores")
+        gold = [text for _, text in _physical_lines(gold_path)]
+        pairs = _physical_lines(inputs)
+        if len(gold) != len(pairs):
+            raise DataError(gold_path, None, f"{len(gold)} gold lines but {len(pairs)} sentence pairs in {inputs}; "
+                            "a pair that was not scored still has its (empty) gold line")
+        for (line, text), score in zip(pairs, gold):
+            fields = text.split("\t")
+            if len(fields) < 2:
+                raise DataError(inputs, line, "expected two tab-separated sentences, found no tab")
+            yield line, {"id": f"{genre}-{line}", "sentence1": fields[0], "sentence2": fields[1], "score": score,
+                         _GROUP: genre, _FILES: {"text": inputs, "label": gold_path}}
+
+
 FORMATS: dict[str, RowReader] = {
     "cs224n": partial(_read_delimited, delimiter="\t"),
     "tsv": partial(_read_delimited, delimiter="\t"),
@@ -169,12 +231,35 @@ FORMATS: dict[str, RowReader] = {
     "jsonl": _read_jsonl,
     "lines": _read_lines,
     "hf": _read_hf,
+    "sick": partial(_read_delimited, delimiter="\t", quoting=csv.QUOTE_NONE),
+    "mrpc": partial(_read_delimited, delimiter="\t", quoting=csv.QUOTE_NONE),
+    "semeval_sts": _read_semeval_sts,
+}
+
+# The public corpora's own columns, by the kinds they can be read as (a task's `columns` still overrides).
+SEMEVAL_COLUMNS = {"id": "id", "text1": "sentence1", "text2": "sentence2", "label": "score"}
+FORMAT_COLUMNS: dict[str, dict[str, dict[str, str]]] = {
+    "sick": {
+        "pair_regression": {"id": "pair_ID", "text1": "sentence_A", "text2": "sentence_B",
+                            "label": "relatedness_score"},
+        "pair_classification": {"id": "pair_ID", "text1": "sentence_A", "text2": "sentence_B",
+                                "label": "entailment_judgment"},
+    },
+    "mrpc": {"pair_classification": {"text1": "#1 String", "text2": "#2 String", "label": "Quality"}},
+    "semeval_sts": {"pair_regression": SEMEVAL_COLUMNS},
 }
 
 
 def _detect_format(path: str) -> str:
     if path.startswith("hf:"):
         return "hf"
+    if os.path.isdir(path):
+        return "semeval_sts"
+    name = os.path.basename(path).lower()
+    if name.endswith(".txt") and name.startswith("sick"):
+        return "sick"
+    if name.endswith(".txt") and name.startswith("msr_paraphrase"):
+        return "mrpc"
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".jsonl":
         return "jsonl"
@@ -185,14 +270,21 @@ def _detect_format(path: str) -> str:
     return "tsv" if "\t" in header else "csv"
 
 
-def _resolve_columns(path: str, spec: KindSpec, columns: Mapping[str, str] | None) -> dict[str, str]:
+def _resolve_columns(path: str, spec: KindSpec, columns: Mapping[str, str] | None, fmt: str) -> dict[str, str]:
     roles = {"id", *spec.roles, *(["label"] if spec.label else [])}
     unknown = sorted(set(columns or {}) - roles)
     if unknown:
         raise DataError(
             path, None, f"unknown role(s) {unknown} in columns for kind {spec.name!r}; roles: {sorted(roles)}"
         )
-    return {**DEFAULT_COLUMNS[spec.name], **(columns or {})}
+    defaults = DEFAULT_COLUMNS[spec.name]
+    if fmt in FORMAT_COLUMNS:
+        kinds = FORMAT_COLUMNS[fmt]
+        if spec.name not in kinds:
+            raise DataError(path, None, f"the {fmt} format holds sentence pairs for kind(s) {', '.join(kinds)}; "
+                            f"a {spec.name} task cannot read it")
+        defaults = {**defaults, **kinds[spec.name]}
+    return {**defaults, **(columns or {})}
 
 
 def _is_blank(value: object) -> bool:
@@ -289,13 +381,6 @@ def read_examples(
         spec = get_kind(kind)
     except ValueError as exc:
         raise DataError(path, None, str(exc)) from None
-    cols = _resolve_columns(path, spec, columns)
-    has_label = labelled and spec.label is not None
-    required = [cols[role] for role in spec.roles]
-    if has_label:
-        required.append(cols["label"])
-    if columns is not None and "id" in columns:
-        required.append(cols["id"])
     if label_names is not None:
         if num_labels is not None and num_labels != len(label_names):
             raise DataError(path, None, f"num_labels={num_labels} but {len(label_names)} label_names given")
@@ -307,24 +392,35 @@ def read_examples(
         if fmt not in FORMATS:
             valid = ", ".join(["auto", *sorted(FORMATS)])
             raise DataError(path, None, f"unknown format {fmt!r}; valid formats: {valid}")
+        cols = _resolve_columns(path, spec, columns, fmt)
+        has_label = labelled and spec.label is not None
+        required = [cols[role] for role in spec.roles]
+        if has_label:
+            required.append(cols["label"])
+        if columns is not None and "id" in columns:
+            required.append(cols["id"])
         examples: list[Example] = []
         skipped: list[str] = []
         for line, row in FORMATS[fmt](path, required):
             raw_id = row.get(cols["id"])
             example_id = str(line) if _is_blank(raw_id) else str(raw_id).strip()
+            files = row.get(_FILES, {})
             if has_label and _is_blank(row[cols["label"]]):
                 skipped.append(f"line {line} (id {example_id})")
                 continue
             try:
                 texts = tuple(_text(row[cols[role]], cols[role]) for role in spec.roles)
-                label: int | float | None = None
+            except ValueError as exc:
+                raise DataError(files.get("text", path), line, str(exc)) from None
+            label: int | float | None = None
+            try:
                 if has_label and spec.label == "int":
                     label = _int_label(row[cols["label"]], cols["label"], label_names, num_labels)
                 elif has_label:
                     label = _float_label(row[cols["label"]], cols["label"], label_range)
             except ValueError as exc:
-                raise DataError(path, line, str(exc)) from None
-            examples.append(Example(example_id, texts, label))
+                raise DataError(files.get("label", path), line, str(exc)) from None
+            examples.append(Example(example_id, texts, label, row.get(_GROUP)))
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
 
