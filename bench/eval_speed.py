@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--baseline", default=BASELINE)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-eval", type=int, default=None, help="first N dev rows per task (default: all)")
-    parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], help="config overrides key=value")
     parser.add_argument("--out", default="bench/results/eval_speed.json")
     args = parser.parse_args()
 
