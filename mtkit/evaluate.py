@@ -66,7 +66,7 @@ def embed_split(model, task: TaskData, split: str, batch_size: int, device, gath
         bar.update(int(batch["attention_mask"].sum()))
         start = end
     bar.close()
-    if gather is not None:
+    if gather is not None and todo:  # every rank holds the same cache, so all skip or none
         out = gather.sum(out)  # each row is filled on exactly one rank
     cache.update(zip(todo, out))
     rows = torch.stack([cache[key] for key in keys])

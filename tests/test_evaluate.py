@@ -161,3 +161,40 @@ def test_progress_bar_on_rank_0_unless_quiet(tiny_cfg, capsys, monkeypatch):
     monkeypatch.setenv("MTKIT_QUIET", "1")
     embed_split(model, tasks["sts"], "dev", 16, "cpu")
     assert capsys.readouterr().err == ""
+
+
+def _two_rank_body(root, cache, rank):
+    from conftest import tiny_config
+    from mtkit.distributed import Dist
+    from mtkit.evaluate import evaluate
+    from mtkit.run import build
+    cfg = tiny_config(root, cache, **TWO_RANK_CFG)
+    dist = Dist(world_size=2, rank=rank)
+    _, tasks, model = build(cfg, dist)
+    return evaluate(model, tasks, "dev", 5, "cpu", gather=dist)
+
+
+TWO_RANK_CFG = {"tasks.quora.decoder": "cross_cosine", "tasks.quora.calibrate": 0.25}
+
+
+@pytest.mark.slow
+def test_two_rank_evaluation_with_shared_cache_equals_one_process(toy_root, tmp_path):
+    # Shared sentences (STS = Quora's), a calibrated cross_cosine head (dev and held-out rows share the
+    # cache), token-budget batches that differ per shard: 2 ranks must report 1 process's metrics.
+    import functools
+
+    from conftest import tiny_config
+    from distributed_util import spawn_ranks
+    from mtkit.evaluate import evaluate
+    _share_sentences(toy_root)
+    tasks, model = _build(tiny_config(toy_root, tmp_path / "cache", **TWO_RANK_CFG))  # also fills the cache
+    single = evaluate(model, tasks, "dev", 5, "cpu")
+    ranks = spawn_ranks(functools.partial(_two_rank_body, toy_root, tmp_path / "cache"), tmp_path / "ranks", 2)
+    assert "threshold" in single["quora"]
+    for metrics in ranks:
+        assert metrics.keys() == single.keys()
+        for task, m in single.items():
+            if task == "overall":
+                assert metrics[task] == pytest.approx(m, abs=1e-6)
+            else:
+                assert metrics[task] == pytest.approx(m, abs=1e-6), task
