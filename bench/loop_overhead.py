@@ -10,8 +10,8 @@ through a loop of plain torch + transformers: the HF BertModel forward, mean poo
 module, the loss, backward, gradient clipping and an AdamW step over the same parameter groups, timed
 the same way. `hand_checks` is `hand` plus what mtkit's `_StepCheck` adds to a step: a hook per
 parameter summing its gradient, and one host sync per step reading the flags; it shows what that check
-costs. Variants alternate (mtkit, hand, hand_checks, then the reverse order) so load drift hits all alike.
-Ratios of medians are what to read.
+costs. After an untimed warm-up run, variants alternate (mtkit, hand, hand_checks, then the reverse
+order) so load drift hits all alike. Ratios of medians are what to read.
 """
 from __future__ import annotations
 
@@ -137,22 +137,19 @@ def main(argv=None) -> dict:
     cfg = config_mod.load(args.config, overrides)
     speeds: dict[str, list[float]] = {"mtkit": [], "hand": [], "hand_checks": []}
     samples: dict[str, list[int]] = {k: [] for k in speeds}
-    trace = None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
+        # An untimed first run writes the trace the hand loops replay and pays the process's one-off
+        # costs (thread pools, first kernels, file caches) that would otherwise fall on one variant.
+        run(cfg, work / "warmup", overwrite=True)
+        trace = read_trace(work / "warmup")
         for r in range(args.repeats):
-            order = list(speeds) if r % 2 == 0 else list(speeds)[::-1]
-            if trace is None:  # the first mtkit run writes the trace the hand loops replay
-                order.remove("mtkit")
-                order.insert(0, "mtkit")
-            for variant in order:
+            for variant in (list(speeds) if r % 2 == 0 else list(speeds)[::-1]):
                 if variant == "mtkit":
                     out = work / f"mtkit-{r}"
                     res = run(cfg, out, overwrite=True)
                     mine = read_trace(out)
-                    if trace is None:
-                        trace = mine
-                    elif mine != trace:
+                    if mine != trace:
                         raise RuntimeError("two mtkit runs of the same config trained different batches")
                     speeds[variant].append(res["train_samples_per_s"])
                     samples[variant].append(sum(len(i) for _, i in mine))

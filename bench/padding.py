@@ -10,8 +10,8 @@ Two parts:
   (bucket 1, same padding) and `pad_to_max` (bucket 1, every batch padded to max_length);
 * training, interleaved: `bucketed` and `pad_to_max` runs of --steps steps each (same seed and budget),
   samples/s (the loop's own figure), tokens/s (real and padded tokens of the traced batches over the
-  training time) and the pad share of the batches trained. With --dev-rows, the last step evaluates
-  that many dev rows per task and the metrics are reported (one seed: compare against seed noise).
+  training time) and the pad share of the batches trained. The last step evaluates --dev-rows dev rows
+  per task and the metrics are reported (one seed: compare against seed noise). --steps 0 skips training.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="bench/results/padding.json")
     args = parser.parse_args(argv)
 
-    overrides = {**BASE, **dict(kv.split("=", 1) for kv in args.set), "train.max_steps": args.steps}
+    overrides = {**BASE, **dict(kv.split("=", 1) for kv in args.set), "train.max_steps": max(1, args.steps)}
     names = [t.name for t in config_mod.load(args.config, overrides).tasks]
     overrides.update({f"tasks.{t}.max_eval": args.dev_rows for t in names})
     cfgs = {v: config_mod.load(args.config, {**overrides, **o}) for v, o in VARIANTS.items()}
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
     dev = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        for r in range(args.repeats):
+        for r in range(args.repeats if args.steps else 0):
             for variant in (list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]):
                 out = work / f"{variant}-{r}"
                 builder = padded_to(width) if variant == "pad_to_max" else batch_for
@@ -117,19 +117,21 @@ def main(argv=None) -> dict:
                 dev[variant] = res["dev"]
                 print(f"repeat {r} {variant}: {speeds[variant][-1]:.2f} samples/s, pad share "
                       f"{trained_pad[variant]:.3f}", flush=True)
-    med = {v: spread(s)["median"] for v, s in speeds.items()}
     report = {**header(), "config": args.config, "steps": args.steps, "repeats": args.repeats,
               "max_length": width, "bucket": cfgs["bucketed"].data.bucket,
               "pad_share_per_epoch": per_epoch, "pad_share_trained": trained_pad,
-              "samples_per_s": {v: spread(s) for v, s in speeds.items()},
-              "tokens_per_s": {v: {k: spread([t[k] for t in ts]) for k in ("real_per_s", "padded_per_s")}
-                               for v, ts in tokens.items()},
-              "speedup_bucketed_vs_pad_to_max": med["bucketed"] / med["pad_to_max"],
-              "speedup_per_repeat": [b / p for b, p in zip(speeds["bucketed"], speeds["pad_to_max"])],
               "dev_rows_per_task": args.dev_rows, "dev": dev}
+    if args.steps:
+        med = {v: spread(s)["median"] for v, s in speeds.items()}
+        report.update({
+            "samples_per_s": {v: spread(s) for v, s in speeds.items()},
+            "tokens_per_s": {v: {k: spread([t[k] for t in ts]) for k in ("real_per_s", "padded_per_s")}
+                             for v, ts in tokens.items()},
+            "speedup_bucketed_vs_pad_to_max": med["bucketed"] / med["pad_to_max"],
+            "speedup_per_repeat": [b / p for b, p in zip(speeds["bucketed"], speeds["pad_to_max"])]})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: report[k] for k in ("speedup_bucketed_vs_pad_to_max", "pad_share_per_epoch")}))
+    print(json.dumps({k: report.get(k) for k in ("speedup_bucketed_vs_pad_to_max", "pad_share_per_epoch")}))
     return report
 
 
