@@ -40,8 +40,11 @@ def embed_split(model, task: TaskData, split: str, batch_size: int, device, gath
     keys: dict[tuple, int] = {}  # (top group, token ids, token types of a joint pair) -> row
     where = []                   # [N, n_texts] rows
     for i, texts in enumerate(s.tokens):
-        where.append([keys.setdefault((group, tuple(ids), tuple(s.segments[i]) if s.segments is not None and k == 0
-                                       else None), len(keys)) for k, ids in enumerate(texts)])
+        row = []
+        for k, ids in enumerate(texts):  # a joint pair is text 0; single sentences have type 0
+            types = tuple(s.segments[i]) if s.segments is not None and k == 0 else None
+            row.append(keys.setdefault((group, tuple(ids), types), len(keys)))
+        where.append(row)
     todo = [key for key in keys if key not in cache]
     world, rank = gather.world_rank() if gather else (1, 0)
     order = sorted(shard_for_eval(len(todo), world, rank), key=lambda i: len(todo[i][1]))
@@ -56,7 +59,7 @@ def embed_split(model, task: TaskData, split: str, batch_size: int, device, gath
         while end < len(order) and (end + 1 - start) * len(todo[order[end]][1]) <= budget:
             end += 1
         idx = order[start:end]
-        joint = any(todo[i][2] is not None for i in idx)  # single sentences in a joint batch have type 0
+        joint = any(todo[i][2] is not None for i in idx)
         batch = collate([(list(todo[i][1]),) for i in idx], [None], model.pad_id, torch.long,
                         [list(todo[i][2] or [0] * len(todo[i][1])) for i in idx] if joint else None)
         types = batch.get("token_type_ids")

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from transformers import AutoModel
 
 from conftest import REPO
