@@ -1,9 +1,9 @@
 """Dev/test evaluation: metrics (scipy), the CS224N overall score and CS224N-format prediction files.
 
-Each unique sentence of a split (each pair, for a cross-encoder task) is embedded once (Quora and STS
-repeat many), in length-sorted batches, then the head runs on the gathered embeddings. With W ranks every
-rank embeds a contiguous shard of the sentences and the shards are gathered, so the metrics equal
-single-process evaluation of the same weights.
+Each unique sentence of a split (each pair, for a cross-encoder task) is embedded once per evaluation
+(Quora and STS repeat many), in length-sorted batches of about equal padded size, then the head runs on
+the gathered embeddings. With W ranks every rank embeds a contiguous shard of the sentences and the
+shards are gathered, so the metrics equal single-process evaluation of the same weights.
 
 Eval-only tasks (`eval_only: true`, out-of-distribution data) have no head: `evaluate_eval_only` scores
 them from the embeddings alone, on their test split (dev when they declare none), at every evaluation.
@@ -12,12 +12,14 @@ They never enter the CS224N overall score, so they cannot pick the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import optimize, special, stats
+from tqdm import tqdm
 
 from mtkit.data.dataset import TaskData, collate
 from mtkit.data.sampler import shard_for_eval
@@ -27,40 +29,62 @@ PRED_HEADER = {"classification": "Predicted_Sentiment", "pair_classification": "
 
 
 @torch.no_grad()
-def embed_split(model, task: TaskData, split: str, batch_size: int, device, gather=None) -> torch.Tensor:
-    """Embeddings [n_texts, N, H] of every text of a split, each unique token sequence encoded once."""
+def embed_split(model, task: TaskData, split: str, batch_size: int, device, gather=None,
+                cache: dict | None = None, tokens_per_row: int = 32) -> torch.Tensor:
+    """Embeddings [n_texts, N, H] of every text of a split, each unique token sequence encoded once.
+
+    `cache` carries embeddings between the calls of one evaluation, so a sentence that several tasks or
+    splits share is encoded once; the key holds the task's encoder top (`model.top_of`), since tasks
+    share the whole encoder unless `model.task_layers` gives them tops of their own. Sequences are
+    sorted by length and batched by padded tokens (batch_size x tokens_per_row): short sentences go in
+    large batches, long ones in small batches of the same size in memory.
+    """
     s = task.splits[split]
-    tokens = s.tokens
-    unique: dict[tuple[int, ...], int] = {}
-    segments: list[list[int]] = []  # joint pairs: the token types of each unique sequence
-    for i, texts in enumerate(tokens):
-        for k, ids in enumerate(texts):
-            if tuple(ids) not in unique:
-                unique[tuple(ids)] = len(unique)
-                if s.segments is not None:  # a joint pair is text 0; single sentences have type 0
-                    segments.append(s.segments[i] if k == 0 else [0] * len(ids))
-    seqs = list(unique)
-    mine = shard_for_eval(len(seqs), *(gather.world_rank() if gather else (1, 0)))
-    order = sorted(mine, key=lambda i: len(seqs[i]))
-    pad_id = model.pad_id
-    out = torch.zeros(len(seqs), model.encoder.hidden_size)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = collate([(list(seqs[i]),) for i in idx], [None], pad_id, torch.long,
-                        [segments[i] for i in idx] if segments else None)
+    group = model.top_of.get(task.cfg.name)
+    cache = {} if cache is None else cache
+    keys: dict[tuple, int] = {}  # (top group, token ids, token types of a joint pair) -> row
+    where = []                   # [N, n_texts] rows
+    for i, texts in enumerate(s.tokens):
+        row = []
+        for k, ids in enumerate(texts):  # a joint pair is text 0; single sentences have type 0
+            types = tuple(s.segments[i]) if s.segments is not None and k == 0 else None
+            row.append(keys.setdefault((group, tuple(ids), types), len(keys)))
+        where.append(row)
+    todo = [key for key in keys if key not in cache]
+    world, rank = gather.world_rank() if gather else (1, 0)
+    order = sorted(shard_for_eval(len(todo), world, rank), key=lambda i: len(todo[i][1]))
+    quiet = rank != 0 or os.environ.get("MTKIT_QUIET", "") not in ("", "0")
+    bar = tqdm(total=sum(len(todo[i][1]) for i in order), unit="tok", unit_scale=True, leave=False,
+               desc=f"eval {task.cfg.name}/{split}", disable=quiet, dynamic_ncols=True)
+    budget = batch_size * tokens_per_row
+    out = torch.zeros(len(todo), model.encoder.hidden_size)
+    start = 0
+    while start < len(order):
+        end = start + 1  # ascending lengths: the batch is as wide as its last sequence
+        while end < len(order) and (end + 1 - start) * len(todo[order[end]][1]) <= budget:
+            end += 1
+        idx = order[start:end]
+        joint = any(todo[i][2] is not None for i in idx)
+        batch = collate([(list(todo[i][1]),) for i in idx], [None], model.pad_id, torch.long,
+                        [list(todo[i][2] or [0] * len(todo[i][1])) for i in idx] if joint else None)
         types = batch.get("token_type_ids")
         emb = model.encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                            None if types is None else types.to(device), group=model.top_of.get(task.cfg.name))
+                            None if types is None else types.to(device), group=group)
         out[idx] = emb.float().cpu()
-    if gather is not None:
+        bar.update(int(batch["attention_mask"].sum()))
+        start = end
+    bar.close()
+    if gather is not None and todo:  # every rank holds the same cache, so all skip or none
         out = gather.sum(out)  # each row is filled on exactly one rank
-    where = torch.tensor([[unique[tuple(ids)] for ids in texts] for texts in tokens])  # [N, n_texts]
-    return out[where].permute(1, 0, 2).contiguous()                                      # [n_texts, N, H]
+    cache.update(zip(todo, out))
+    rows = torch.stack([cache[key] for key in keys])
+    return rows[torch.tensor(where)].permute(1, 0, 2).contiguous()                      # [n_texts, N, H]
 
 
 @torch.no_grad()
-def predict_task(model, task: TaskData, split: str, batch_size: int, device, gather=None) -> dict:
-    emb = embed_split(model, task, split, batch_size, device, gather)                   # [n_texts, N, H]
+def predict_task(model, task: TaskData, split: str, batch_size: int, device, gather=None,
+                 cache: dict | None = None) -> dict:
+    emb = embed_split(model, task, split, batch_size, device, gather, cache)           # [n_texts, N, H]
     result = {"ids": [e.id for e in task.splits[split].examples]}
     if task.cfg.kind == "contrastive":  # does the anchor sit closer to its positive than its negative?
         result["pred"] = (F.cosine_similarity(emb[0], emb[1], dim=-1)
@@ -124,6 +148,7 @@ def evaluate(model, tasks: dict[str, TaskData], split: str, batch_size: int, dev
     model.eval()
     results: dict = {}
     scores = []
+    cache: dict = {}  # embeddings shared by the tasks and splits of this evaluation
     try:
         for name, task in tasks.items():
             kind = task.cfg.kind
@@ -132,10 +157,10 @@ def evaluate(model, tasks: dict[str, TaskData], split: str, batch_size: int, dev
                 continue
             if split not in task.splits or kind == "sentences":  # unlabelled sentences: nothing to score
                 continue
-            res = predict_task(model, task, split, batch_size, device, gather)
+            res = predict_task(model, task, split, batch_size, device, gather, cache)
             threshold = None
             if "calib" in task.splits and "margin" in res:
-                held_out = predict_task(model, task, "calib", batch_size, device, gather)
+                held_out = predict_task(model, task, "calib", batch_size, device, gather, cache)
                 threshold = fit_threshold(held_out["margin"],
                                           np.asarray([e.label for e in task.splits["calib"].examples]))
                 res["pred"] = (res["margin"] > threshold).astype(int)
