@@ -18,7 +18,7 @@ setup(
     # takes the same settings.
     packages=find_packages(include=["mtkit", "mtkit.*", "diagnostics", "diagnostics.*"]) + ["mtkit.configs"],
     package_dir={"mtkit.configs": "configs"},
-    package_data={"mtkit.configs": ["*.yaml", "deepspeed/*.json"]},
+    package_data={"mtkit.configs": ["*.yaml", "deepspeed/*.json", "studies/*.yaml", "ood/*.yaml"]},
     # torch is pinned by the install scripts (torch==2.13.0 first) so that a CPU wheel is used;
     # the range here only guards against incompatible majors.
     install_requires=[
