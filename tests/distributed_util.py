@@ -37,6 +37,7 @@ def spawn_ranks(body: Callable[[int], dict], out_dir: Path, world: int, timeout_
     outer deadline so a hang surfaces as a Python error in the rank, not as a kill. `body` must be a
     module-level function (the spawned processes import it)."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     store = Path(tempfile.mkdtemp(prefix="rendezvous-", dir=out_dir)) / "store"  # fresh per spawn
     collective_timeout_s = timeout_s / 2
     with pytest.MonkeyPatch.context() as patch:
