@@ -1,9 +1,16 @@
 """DiagnosticsWriter output read back from TensorBoard event files and JSONL; run reports; the
-heatmap and cosine plots as rendered."""
+heatmap and cosine plots as rendered, and as a real TensorBoard server serves them."""
 
 import copy
+import io
 import json
 import math
+import re
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
 
 import matplotlib
 import numpy as np
@@ -295,3 +302,84 @@ def test_diagnose_png_without_nonzero_cosines_keeps_unit_range():
     big = cos_figure([hand_record(0, {"a__b": -1.0}, {})]).axes[0].get_ylim()
     assert big == pytest.approx((-1.05, 1.05))
 
+
+# ------------------------------------------------------------------ as TensorBoard serves it
+
+SERVER_TIMEOUT_S = 120  # a loaded two-core machine takes seconds to start TensorBoard; bound it anyway
+
+
+def fetch(opener, url: str) -> bytes:
+    with opener.open(url, timeout=20) as response:
+        return response.read()
+
+
+def wait_for(what: str, probe, proc, log_path, deadline: float):
+    """``probe()``'s first truthy result, polling until ``deadline``; fails if the server dies."""
+    while time.monotonic() < deadline:
+        result = probe()
+        if result:
+            return result
+        if proc.poll() is not None:
+            pytest.fail(f"tensorboard exited ({proc.returncode}) before {what}:\n{log_path.read_text()}")
+        time.sleep(0.2)
+    pytest.fail(f"no {what} within {SERVER_TIMEOUT_S} s:\n{log_path.read_text()}")
+
+
+@pytest.mark.slow
+def test_tensorboard_server_serves_the_readable_heatmap(tmp_path):
+    record = {**make_records()[0], "step": 1750, "layer_cos": small_layer_cos(), "groups": GROUPS}
+    summary_writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
+    with DiagnosticsWriter(summary_writer, tmp_path / "diagnostics.jsonl") as writer:
+        writer.write(record)
+    summary_writer.close()
+    # The same inputs give the same figure: its geometry says where each cell lands in the served PNG.
+    figure = layer_heatmap(record["layer_cos"], GROUPS, 1750)
+    local = rgb(figure)
+    cmap = figure.axes[0].images[0].cmap
+
+    # Localhost only, whatever proxy the environment names.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    log_path = tmp_path / "tensorboard.log"
+    deadline = time.monotonic() + SERVER_TIMEOUT_S
+    with log_path.open("wb") as log:
+        # Port 0: the OS picks a free port and TensorBoard prints it, so no race with other processes.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "tb"), "--host", "127.0.0.1",
+             "--port", "0", "--load_fast=false", "--reload_interval", "1"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        try:
+            port = wait_for("its address", lambda: re.search(r"http://127\.0\.0\.1:(\d+)/", log_path.read_text()),
+                            proc, log_path, deadline).group(1)
+            base = f"http://127.0.0.1:{port}/data/plugin/images"
+
+            def heatmap_run():
+                try:
+                    tags = json.loads(fetch(opener, f"{base}/tags"))
+                except OSError:  # listening but not yet answering: poll again
+                    return None
+                return next((run for run, run_tags in tags.items() if HEATMAP_TAG in run_tags), None)
+
+            run = wait_for("the heatmap tag", heatmap_run, proc, log_path, deadline)
+            query = urllib.parse.urlencode({"run": run, "tag": HEATMAP_TAG})
+            entries = json.loads(fetch(opener, f"{base}/images?{query}"))
+            assert [e["step"] for e in entries] == [1750]
+            png = fetch(opener, f"{base}/individualImage?{entries[0]['query']}")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+
+    assert png.startswith(PNG_MAGIC)
+    served = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    assert served.shape == local.shape
+    assert (np.abs(served - local).max(axis=2) > 2).mean() < 0.001  # the heatmap, as drawn here
+    # The extreme cells arrive as the colour map's saturated ends, not the pale middle.
+    assert np.abs(cell_pixel(figure, served, *NEG) - colour(cmap, 0.0)).max() <= 2
+    assert np.abs(cell_pixel(figure, served, *POS) - colour(cmap, 1.0)).max() <= 2
+    pale = colour(cmap, 0.5)
+    assert min(np.abs(cell_pixel(figure, served, *c) - pale).sum() for c in (NEG, POS)) > 300
+    Image.open(io.BytesIO(png)).save(tmp_path / "served_heatmap.png")  # kept for a person to look at
