@@ -10,6 +10,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from diagnostics.writer import cos_scale
+
 JSONL_NAME = "diagnostics.jsonl"
 MOST_NEGATIVE_LAYERS = 3
 
@@ -140,26 +142,38 @@ def format_table(summary: dict) -> str:
 
 
 def plot_run(run_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
-    """Write a PNG of each pair's overall gradient cosine against step, with a zero line."""
-    records = sorted(load_records(run_dir), key=lambda r: r["step"])
+    """Write :func:`cos_figure` of the run's records as a PNG."""
+    figure = cos_figure(load_records(run_dir))
+    figure.savefig(path, format="png", dpi=figure.dpi)
+
+
+def cos_figure(records: list[dict]) -> Figure:
+    """Each pair's overall gradient cosine against step, with a zero line.
+
+    The y axis is symmetric about 0 and spans 1.15 × the largest |cos| plotted (at most ±1.05,
+    ±1 with no nonzero value), so cosines of a few hundredths are not flattened onto the zero line.
+    Non-finite cosines are gaps in their line and do not count towards the scale.
+    """
     series: dict[str, tuple[list[int], list[float]]] = {}
-    for record in records:
+    for record in sorted(records, key=lambda r: r["step"]):
         for pair, value in record["cos"].items():
             steps, values = series.setdefault(pair, ([], []))
             steps.append(record["step"])
-            values.append(value)
-    figure = Figure(figsize=(7.0, 4.0))
+            values.append(math.nan if value is None else value)
+    m = cos_scale([v for _, values in series.values() for v in values])
+    limit = min(1.15 * m, 1.05) if m > 0 else 1.0
+    figure = Figure(figsize=(7.0, 4.0), dpi=100)
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     ax.axhline(0.0, color="black", linewidth=0.8)
     for pair, (steps, values) in series.items():
         ax.plot(steps, values, marker="." if len(steps) < 50 else None, label=pair)
-    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylim(-limit, limit)
+    ax.grid(axis="y", linewidth=0.4, alpha=0.5)
     ax.set_xlabel("step")
     ax.set_ylabel("gradient cosine")
     ax.set_title("task-pair gradient cosine (below 0: conflict)")
     if series:
         ax.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, format="png")
-
+    return figure
