@@ -10,7 +10,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from diagnostics.writer import cos_scale
+from diagnostics.writer import cos_scale, layer_heatmap
 
 JSONL_NAME = "diagnostics.jsonl"
 MOST_NEGATIVE_LAYERS = 3
@@ -145,6 +145,18 @@ def plot_run(run_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> N
     """Write :func:`cos_figure` of the run's records as a PNG."""
     figure = cos_figure(load_records(run_dir))
     figure.savefig(path, format="png", dpi=figure.dpi)
+
+
+def plot_layers(run_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> int | None:
+    """Write the layer heatmap of the run's last record that has per-layer cosines (the figure TensorBoard
+    shows at that step) as a PNG; returns its step, or None (and writes nothing) when no record has them."""
+    records = [r for r in load_records(run_dir) if r.get("layer_cos") and r.get("groups")]
+    if not records:
+        return None
+    last = max(records, key=lambda r: r["step"])
+    figure = layer_heatmap(last["layer_cos"], last["groups"], last["step"])
+    figure.savefig(path, format="png", dpi=figure.dpi)
+    return last["step"]
 
 
 def cos_figure(records: list[dict]) -> Figure:

@@ -123,9 +123,10 @@ class CLI:
             _fail(e)
         print(json.dumps(config_mod.to_dict(cfg), indent=2))
 
-    def diagnose(self, run_dir: str, plot: str | None = None):
-        """Summarise a run's gradient-conflict diagnostics and plot cosine over steps."""
-        from diagnostics.report import format_table, plot_run, summarize_run
+    def diagnose(self, run_dir: str, plot: str | None = None, heatmap: str | None = None):
+        """Summarise a run's gradient-conflict diagnostics, plot cosine over steps (--plot, default
+        RUN/diagnostics_cos.png) and the last per-layer heatmap (--heatmap, default RUN/diagnostics_layers.png)."""
+        from diagnostics.report import format_table, plot_layers, plot_run, summarize_run
         if not Path(run_dir).is_dir():
             _fail(FileNotFoundError(f"{run_dir}: no such run folder"))
         try:
@@ -136,6 +137,9 @@ class CLI:
         path = plot or str(Path(run_dir) / "diagnostics_cos.png")
         plot_run(run_dir, path)
         print(f"plot: {path}")
+        path = heatmap or str(Path(run_dir) / "diagnostics_layers.png")
+        step = plot_layers(run_dir, path)
+        print(f"layer heatmap (step {step}): {path}" if step is not None else "layer heatmap: no per-layer records")
 
     def study(self, study: str, out: str, jobs: int = 1, seeds: int | None = None, profile: str | None = None,
               cells: str | tuple | None = None, seed_index: int | None = None, only: str | None = None,

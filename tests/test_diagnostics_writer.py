@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from diagnostics.gram import group_grams
-from diagnostics.report import cos_figure, format_table, load_records, plot_run, summarize_run
+from diagnostics.report import cos_figure, format_table, load_records, plot_layers, plot_run, summarize_run
 from diagnostics.stats import summarize
 from diagnostics.writer import HEATMAP_TAG, DiagnosticsWriter, format_cos, layer_heatmap
 
@@ -301,6 +301,20 @@ def test_diagnose_png_without_nonzero_cosines_keeps_unit_range():
     assert cos_figure([hand_record(0, {"a__b": 0.0}, {})]).axes[0].get_ylim() == (-1.0, 1.0)
     big = cos_figure([hand_record(0, {"a__b": -1.0}, {})]).axes[0].get_ylim()
     assert big == pytest.approx((-1.05, 1.05))
+
+
+def test_diagnose_heatmap_is_the_last_layer_record_as_tensorboard_draws_it(tmp_path):
+    late = {"a__b": {"emb": -0.02, "l0": 0.05}, "a__c": {"emb": 0.01, "l1": -0.04}}
+    records = [hand_record(10, {"a__b": 0.1}, {"a__b": {"emb": 0.9}}), hand_record(20, {"a__b": 0.0}, late),
+               hand_record(30, {"a__b": 0.2}, {})]  # the last record has no per-layer cosines
+    write_jsonl(tmp_path, records)
+    assert plot_layers(tmp_path, tmp_path / "layers.png") == 20
+    expected = layer_heatmap(late, ["emb", "l0", "l1"], 20)
+    expected.savefig(tmp_path / "expected.png", format="png", dpi=expected.dpi)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "layers.png")),
+                          np.asarray(Image.open(tmp_path / "expected.png")))
+    write_jsonl(tmp_path, [hand_record(0, {"a__b": 0.1}, {})])
+    assert plot_layers(tmp_path, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 # ------------------------------------------------------------------ as TensorBoard serves it
