@@ -216,7 +216,7 @@ def test_version_is_the_installed_metadata_version_and_setup_reads_it():
 def readme_python_example() -> str:
     """The fenced python block under the README's "Python API" heading."""
     text = (REPO / "README.md").read_text()
-    section = text.split("### Python API\n", 1)[1]
+    section = text.split("## Python API\n", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
