@@ -72,9 +72,10 @@ _barrier_group = None  # Dist.barrier's process group; the default one until ini
 
 
 def init_distributed(device: str = "auto", timeout_s: float | None = None, barrier_timeout_s: float = 1800.0,
-                     group: bool = False) -> Dist:
+                     group: bool = False, init_method: str = "env://") -> Dist:
     """The launch's ranks and device; with `group`, a process group even for a single process.
-    `timeout_s` bounds every collective (None: 60 s over gloo on CPU, 600 s over NCCL)."""
+    `timeout_s` bounds every collective (None: 60 s over gloo on CPU, 600 s over NCCL). `init_method` is
+    how W > 1 ranks meet: a launcher's MASTER_ADDR/PORT by default, or e.g. `file:///shared/fs/rendezvous`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -89,7 +90,7 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None, barri
         timeout_s = 600 if use_cuda else 60
     backend, timeout = "nccl" if use_cuda else "gloo", datetime.timedelta(seconds=timeout_s)
     if world > 1 and not tdist.is_initialized():
-        tdist.init_process_group(backend, timeout=timeout)
+        tdist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
         # A timeout is fixed per process group, and gloo's monitored_barrier applies its own only to rank
         # 0's wait (the others' sends still time out with the group): barriers get a group of their own.
         _barrier_group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=barrier_timeout_s))

@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import REPO, write_toy_data
-from distributed_util import env, launch_port, shm_workspaces, train
+from distributed_util import ADDRESS_IN_USE, LAUNCH_ATTEMPTS, env, launch_port, shm_workspaces, train
 from mtkit.distributed import StopRequest, init_distributed
 from test_smoke import scalars
 
@@ -110,6 +110,26 @@ def launch(cmd: list[str], logs: Path, extra_env: dict | None = None):
         run.close()
 
 
+@contextlib.contextmanager
+def launch_ready(processes_for_port, logs: Path, ready, what: str):
+    """Start the processes `processes_for_port(port)` gives ([(cmd, extra_env), ...]) on a fresh port and wait
+    until `ready()`; yields (port, launches). A launch that lost its port to another process before binding
+    it is started again on another port, as `distributed_util.launch` does for launches run to the end."""
+    for attempt in range(1, LAUNCH_ATTEMPTS + 1):
+        port = launch_port()
+        with contextlib.ExitStack() as stack:
+            runs = [stack.enter_context(launch(cmd, logs / f"try{attempt}-{i}", extra_env))
+                    for i, (cmd, extra_env) in enumerate(processes_for_port(port))]
+            try:
+                runs[0].wait_for(ready, what)
+            except pytest.fail.Exception:
+                if attempt < LAUNCH_ATTEMPTS and any(ADDRESS_IN_USE.search(r.output()) for r in runs):
+                    continue
+                raise
+            yield port, runs
+            return
+
+
 def deepspeed_cmd(out: Path, *args: str, port: int) -> list[str]:
     return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port),
             "launchers/train.py", "--config", "configs/debug_tiny.yaml", "--out", str(out), *args]
@@ -168,13 +188,14 @@ def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(data
 
 # ---------------------------------------------------------------- timeouts
 
-def _timeout_worker(rank: int, port: int, out_dir: str) -> None:
+def _timeout_worker(rank: int, out_dir: str) -> None:
     out = Path(out_dir)
     (out / f"started{rank}").touch()  # start the rendezvous together: its wait is bounded by the timeout too
     while not all((out / f"started{r}").exists() for r in (0, 1)):
         time.sleep(0.05)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
-    dist = init_distributed("cpu", timeout_s=5, barrier_timeout_s=120)
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank))
+    # A file store, as in the shared spawn helper: no TCP port for another process to take first.
+    dist = init_distributed("cpu", timeout_s=5, barrier_timeout_s=120, init_method=f"file://{out / 'store'}")
     if rank == 0:
         time.sleep(7)  # alone for longer than the collective timeout, as when writing the best model
     dist.barrier()      # ...and the barrier waits for it
@@ -194,7 +215,7 @@ def _timeout_worker(rank: int, port: int, out_dir: str) -> None:
 def test_collectives_time_out_but_barriers_wait_for_a_slow_rank(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
-        ctx = mp.start_processes(_timeout_worker, args=(launch_port(), str(tmp_path)), nprocs=2, join=False,
+        ctx = mp.start_processes(_timeout_worker, args=(str(tmp_path),), nprocs=2, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
@@ -213,9 +234,9 @@ def test_collectives_time_out_but_barriers_wait_for_a_slow_rank(tmp_path):
 @pytest.mark.parametrize("target", ["rank1", "group"])
 def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(target, data, tmp_path):
     args = [*common(*data), "--train.batch_size=8"]
-    out, port = tmp_path / "run", launch_port()
-    with launch(deepspeed_cmd(out, *args, ENDLESS, port=port), tmp_path / "logs") as run:
-        run.wait_for(has_checkpoint(out), "first checkpoint")
+    out = tmp_path / "run"
+    with launch_ready(lambda port: [(deepspeed_cmd(out, *args, ENDLESS, port=port), None)], tmp_path / "logs",
+                      has_checkpoint(out), "first checkpoint") as (port, (run,)):
         if target == "rank1":
             run.rank(1).send_signal(signal.SIGTERM)  # rank 0 learns of it through the step's all-reduce
             assert run.proc.wait(DEADLINE_S) == 0, run.output()[-4000:]
@@ -238,9 +259,8 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(target, dat
 @pytest.mark.slow
 def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(data, tmp_path):
     out = tmp_path / "run"
-    with launch(deepspeed_cmd(out, *common(*data), "--train.batch_size=8", ENDLESS, port=launch_port()),
-                tmp_path / "logs") as run:
-        run.wait_for(has_checkpoint(out), "first checkpoint")
+    with launch_ready(lambda port: [(deepspeed_cmd(out, *common(*data), "--train.batch_size=8", ENDLESS, port=port),
+                                     None)], tmp_path / "logs", has_checkpoint(out), "first checkpoint") as (_, (run,)):
         ranks = [run.rank(0), run.rank(1)]
         # Only the `deepspeed` command: DeepSpeed's launch.py under it neither notices nor stops its ranks.
         run.proc.kill()
@@ -256,13 +276,15 @@ def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(data, tmp_path
 def test_a_killed_rank_ends_the_other(data, tmp_path):
     # Ranks started by hand, as torchrun would: no launcher cleans up after the dead rank, so the survivor
     # must end on its own, through the closed connections (a hung rank: the collective timeout, above).
-    out, port = tmp_path / "run", launch_port()
+    out = tmp_path / "run"
     cmd = [sys.executable, "launchers/train.py", "--config", "configs/debug_tiny.yaml", "--out", str(out),
            *common(*data), "--train.batch_size=8", ENDLESS]
-    world = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-    with launch(cmd, tmp_path / "rank0", {**world, "RANK": "0", "LOCAL_RANK": "0"}) as rank0, \
-            launch(cmd, tmp_path / "rank1", {**world, "RANK": "1", "LOCAL_RANK": "1"}) as rank1:
-        rank0.wait_for(has_checkpoint(out), "first checkpoint")
+
+    def ranks(port: int) -> list:
+        world = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        return [(cmd, {**world, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+
+    with launch_ready(ranks, tmp_path / "ranks", has_checkpoint(out), "first checkpoint") as (_, (rank0, rank1)):
         rank1.proc.kill()
         rank1.proc.wait()
         rank0.wait_gone(60 + 30)
