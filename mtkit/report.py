@@ -215,7 +215,7 @@ class MLflow(Backend):
         stored = run.ids.get(self.name) or {}
         self.run_id = None
         if run.resumed_at is not None and stored.get("run_id") and stored.get("tracking_uri") == uri:
-            self.run_id = self._reopen(stored["run_id"], run)
+            self.run_id = self._reopen(stored["run_id"])
         if self.run_id is not None:
             self.client.update_run(self.run_id, status="RUNNING")
             self.client.set_tag(self.run_id, "mtkit.resumed_at_step", str(run.resumed_at))
@@ -224,23 +224,24 @@ class MLflow(Backend):
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
             self.run_id = self.client.create_run(experiment_id, run_name=run.run_name).info.run_id
-        self.client.log_dict(self.run_id, run.config, "config.json")
+        artifacts = self.client.get_run(self.run_id).info.artifact_uri
+        # The file store records absolute paths: in a run folder moved since the store was made, artifacts
+        # would be written where the folder used to be. Metrics are stored relative to the store's root.
+        self.artifacts = uri is not None or artifacts.startswith((run.out / "mlruns").resolve().as_uri())
+        if self.artifacts:
+            self.client.log_dict(self.run_id, run.config, "config.json")
+        else:
+            log.warning("mlflow: run %s keeps its artifacts in %s, outside this run folder (moved since the run "
+                        "started?); logging its metrics only", self.run_id, artifacts)
         self.pending: list = []
 
-    def _reopen(self, run_id: str, run: RunInfo) -> str | None:
-        """The stored run, when it can be continued; else None (a new run starts, with a warning)."""
+    def _reopen(self, run_id: str) -> str | None:
+        """The stored run, when the store still has it; else None (a new run starts, with a warning)."""
         from mlflow.exceptions import MlflowException
         try:
-            artifacts = self.client.get_run(run_id).info.artifact_uri
+            self.client.get_run(run_id)
         except MlflowException as e:
             log.warning("mlflow: cannot continue run %s (%s); starting a new MLflow run", run_id, e)
-            return None
-        here = (run.out / "mlruns").resolve().as_uri()
-        if self.uri is None and not artifacts.startswith(here):
-            # The file store records absolute paths: in a moved run folder the old run's artifacts would
-            # go back to where the folder was.
-            log.warning("mlflow: run %s keeps its artifacts in %s, outside this run folder (moved?); starting "
-                        "a new MLflow run", run_id, artifacts)
             return None
         return run_id
 
@@ -251,7 +252,8 @@ class MLflow(Backend):
         self.pending.append(Metric(_mlflow_key(tag), value, int(time.time() * 1000), step))
 
     def add_figure(self, tag, figure, step):
-        self.client.log_figure(self.run_id, figure, f"{_mlflow_key(tag)}/step_{step}.png")
+        if self.artifacts:
+            self.client.log_figure(self.run_id, figure, f"{_mlflow_key(tag)}/step_{step}.png")
 
     def flush(self):
         if self.pending:

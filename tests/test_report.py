@@ -289,3 +289,45 @@ def test_report_to_is_in_train_help():
     from mtkit.args import parser
     text = parser("mtkit train").format_help()
     assert "train.report_to" in text and "each one of jsonl, mlflow, tensorboard, wandb" in text
+
+
+def test_mlflow_records_how_a_run_ended_and_a_moved_folder_keeps_its_artifacts_at_home(offline, tmp_path,
+                                                                                         caplog):
+    from matplotlib.figure import Figure
+    from mlflow.tracking import MlflowClient
+
+    from mtkit.loop import TrainingStopped
+    from mtkit.report import Reporter
+
+    def start(out, resumed_at=None):
+        return Reporter.open(["mlflow"], out, "unit", {"name": "unit"}, resumed_at)
+
+    def run_of(out):
+        run_id = json.loads((out / "tracking.json").read_text())["mlflow"]["run_id"]
+        client = MlflowClient((out / "mlruns").resolve().as_uri())
+        return run_id, client.get_run(run_id).info.status, client.get_metric_history(run_id, "train/loss/a_b")
+
+    out = tmp_path / "a"
+    out.mkdir()
+    reporter = start(out)
+    reporter.add_scalar("train/loss/a+b", 1.0, 1)  # a character MLflow refuses in a name
+    reporter.close(TrainingStopped("stopped", exit_code=0))
+    first, ended, _ = run_of(out)
+    assert ended == "KILLED"
+    reporter = start(out, resumed_at=1)
+    reporter.add_scalar("train/loss/a+b", 2.0, 2)
+    reporter.close(RuntimeError("boom"))
+    again, ended, history = run_of(out)
+    assert (again, ended) == (first, "FAILED")  # the same run, reopened
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 2.0)]
+
+    moved = tmp_path / "b"
+    out.rename(moved)
+    reporter = start(moved, resumed_at=2)
+    reporter.add_scalar("train/loss/a+b", 3.0, 3)
+    reporter.add_figure("conflict/layer_heatmap", Figure(), 3)
+    reporter.close()
+    again, ended, history = run_of(moved)
+    assert (again, ended) == (first, "FINISHED") and [m.step for m in history] == [1, 2, 3]
+    assert "outside this run folder (moved since the run started?)" in caplog.text
+    assert not out.exists()  # nothing written where the folder used to be
