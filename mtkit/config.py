@@ -609,7 +609,7 @@ def _validate_report_to(names: list[str], fail, check, installed: bool) -> None:
         check("train.report_to", name, BACKENDS)
     if len(set(names)) != len(names):
         fail("train.report_to", names, "name each backend once")
-    for name in names if installed else ():  # found out when the backend opens, it would cost a setup first
+    for name in names if installed else ():  # now, not when the backend opens after the model and data are built
         problem = missing_package(name)
         if problem:
             fail("train.report_to", names, problem)
