@@ -37,8 +37,13 @@ setup(
     ],
     # st: `mtkit export` writes sentence-transformers folders (and pushes them to the Hub)
     extras_require={"st": ["sentence-transformers>=6.2"],
+                    # train.report_to backends. mlflow-skinny is the MLflow client with its file store, which is
+                    # all mtkit writes to; the full mlflow adds its server, UI and database stack (3-4x the size)
+                    "wandb": ["wandb>=0.19.10"],
+                    "mlflow": ["mlflow-skinny>=2.10"],
                     # setuptools: tests/test_wheel.py builds the wheel offline (no build isolation)
                     "dev": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6.100", "psutil>=5.9",
-                            "sentence-transformers>=6.2", "setuptools>=64"]},
+                            "sentence-transformers>=6.2", "setuptools>=64", "wandb>=0.19.10",
+                            "mlflow-skinny>=2.10"]},
     entry_points={"console_scripts": ["mtkit=mtkit.cli:main"]},
 )

@@ -1,4 +1,5 @@
-"""Log diagnostics records to TensorBoard and to a JSONL file."""
+"""Log diagnostics records to the run's reporter (TensorBoard and the other `train.report_to`
+backends) and to a JSONL file."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ NAN_GREY = "0.75"
 
 
 class ScalarFigureWriter(Protocol):
-    """What :class:`DiagnosticsWriter` needs from a ``SummaryWriter``."""
+    """What :class:`DiagnosticsWriter` needs from a ``SummaryWriter`` or a ``mtkit.report.Reporter``."""
 
     def add_scalar(self, tag: str, scalar_value: float, global_step: int | None = None) -> Any: ...
 
@@ -26,7 +27,7 @@ class ScalarFigureWriter(Protocol):
 
 
 class DiagnosticsWriter:
-    """Write each record as TensorBoard scalars + a layer heatmap, and as one JSONL line.
+    """Write each record as reporter scalars + a layer heatmap, and as one JSONL line.
 
     Scalars: ``conflict/cos/<a>__<b>``, ``conflict/rate``,
     ``pcgrad/removed/<task>``, ``pcgrad/cos_sum``, ``grad/norm/<task>``,

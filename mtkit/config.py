@@ -127,6 +127,9 @@ class TrainConfig:
     eval_every: Optional[int] = None    # steps; default: end of each epoch
     eval_batch_size: int = 128
     log_every: int = 50
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # where scalars and figures go
+                                        # (rank 0): tensorboard (tb/), wandb (wandb/, offline), mlflow (mlruns/),
+                                        # jsonl (scalars.jsonl); empty for none. See mtkit.report
     seed: int = 0
     precision: str = "fp32"             # fp32 | bf16 | fp16
     engine: str = "auto"                # auto | torch | deepspeed
@@ -231,8 +234,11 @@ CHOICES = {
 
 # ---------------------------------------------------------------- loading
 
-def load(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Config from a YAML file (or defaults when path is None) with dotted overrides applied."""
+def load(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+         report: bool = True) -> Config:
+    """Config from a YAML file (or defaults when path is None) with dotted overrides applied. `report=False`
+    for a config that will not train (a finished run's, to evaluate or export): the packages of its
+    `train.report_to` backends need not be installed."""
     raw, lines, source = {}, {}, "<defaults>"
     if path is not None:
         source = str(path)
@@ -242,7 +248,7 @@ def load(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None
         lines[key] = "override"
     where = _Where(source, lines)
     cfg = _build(Config, raw, "", where)
-    validate(cfg, source, where)
+    validate(cfg, source, where, report)
     return cfg
 
 
@@ -535,7 +541,7 @@ def encoder_config(model: ModelConfig):
         return None
 
 
-def validate(cfg: Config, source: str = "<config>", where: _Where | None = None) -> None:
+def validate(cfg: Config, source: str = "<config>", where: _Where | None = None, report: bool = True) -> None:
     """Ranges, choices and relations of every setting, before anything is built. Errors name the key and
     where its value came from (file:line, or the override)."""
     where = where or _Where(source, {})
@@ -561,6 +567,7 @@ def validate(cfg: Config, source: str = "<config>", where: _Where | None = None)
         fail("optim.betas", betas, "use two numbers in [0, 1), e.g. [0.9, 0.999]")
     for split in cfg.train.predict:
         check("train.predict", split, SPLITS)
+    _validate_report_to(cfg.train.report_to, fail, check, report)
     if cfg.train.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -594,6 +601,18 @@ def validate(cfg: Config, source: str = "<config>", where: _Where | None = None)
     _validate_task_layers(cfg.model, names, fail)
     _validate_encoder(cfg.model, fail, where)
     _validate_deepspeed(cfg, fail)
+
+
+def _validate_report_to(names: list[str], fail, check, installed: bool) -> None:
+    from mtkit.report import BACKENDS, missing_package
+    for name in names:
+        check("train.report_to", name, BACKENDS)
+    if len(set(names)) != len(names):
+        fail("train.report_to", names, "name each backend once")
+    for name in names if installed else ():  # now, not when the backend opens after the model and data are built
+        problem = missing_package(name)
+        if problem:
+            fail("train.report_to", names, problem)
 
 
 def _validate_task_layers(model: ModelConfig, names: list[str], fail) -> None:
@@ -905,8 +924,10 @@ def _scalar(tp: type, value: Any, key: str, where: _Where) -> Any:
 def keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, Any, list | None, str]]:
     """Every settable key, as (dotted key, type, default, allowed values or None, the field's comment),
     read from the dataclasses themselves so that `mtkit train --help` cannot drift from them."""
+    from mtkit.report import BACKENDS
     from mtkit.tasks.readers import FORMATS
-    allowed = {**CHOICES, "task.format": {"auto", *FORMATS}, "train.predict": set(SPLITS)}
+    allowed = {**CHOICES, "task.format": {"auto", *FORMATS}, "train.predict": set(SPLITS),
+               "train.report_to": set(BACKENDS)}
     hints, comments = typing.get_type_hints(cls), _field_comments(cls)
     out = []
     for f in dataclasses.fields(cls):

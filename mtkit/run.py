@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtkit import checkpoint, config as config_mod, loop
+from mtkit import checkpoint, config as config_mod, loop, report
 from mtkit.config import Config
 from mtkit.data.dataset import load_tasks
 from mtkit.data.sampler import TaskBatchSampler
@@ -97,58 +97,63 @@ def run(cfg: Config, out: str | Path, resume: str | None = None, overwrite: bool
     engine = make_engine(name, model, cfg, steps, dist)
     seed_everything(cfg.train.seed + dist.rank)  # dropout streams differ per rank, as with W devices
 
+    # Rank 0 reports; the reporter is closed however the run ends, so the W&B and MLflow runs record it.
     writer = None
     if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        # Events past the checkpoint, logged before a crash, are hidden: every step shows once.
-        writer = SummaryWriter(str(out / "tb"), purge_step=start.step + 1 if start.checkpoint else None)
-    trained = {n: t for n, t in tasks.items() if not t.cfg.eval_only}  # eval-only: no gradients to observe
-    hooks = _diagnostics_hooks(cfg, model, trained, dist, writer, out)
-    joint = _joint_step(cfg, engine)
-    result = loop.train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, start.checkpoint,
-                        joint)
+        writer = report.Reporter.open(cfg.train.report_to, out, cfg.name, config_mod.to_dict(cfg),
+                                      start.step if start.checkpoint else None)
+    try:
+        trained = {n: t for n, t in tasks.items() if not t.cfg.eval_only}  # eval-only: no gradients to observe
+        hooks = _diagnostics_hooks(cfg, model, trained, dist, writer, out)
+        joint = _joint_step(cfg, engine)
+        result = loop.train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, start.checkpoint,
+                            joint)
 
-    # Replicas must agree bit for bit after training; a digest per rank makes that checkable.
-    digests = dist.all_gather_object(weights_digest(model))
-    want_test = "test" in cfg.train.predict and any("test" in t.splits for t in tasks.values())
-    exported = None
-    if want_test or cfg.train.export_encoder:
-        dist.barrier()  # rank 0 wrote best/model.pt
-        model.load_state_dict(checkpoint.model_weights(out / "best" / "model.pt"))
-    if want_test:
-        evaluate(model, tasks, "test", cfg.train.eval_batch_size, dist.device, gather=dist,
-                 pred_dir=out / "predictions" if dist.is_main else None)
-    if cfg.train.export_encoder:
-        exported = str(out / "encoder")
-    results = {
-        "dev": result["best"]["dev"],
-        "best_step": result["best"]["step"],
-        "steps": result["steps"],
-        "wall_time_s": time.time() - started,
-        "train_time_s": result["wall_time_s"],
-        "eval_time_s": result["eval_time_s"],
-        "train_samples_per_s": result.get("samples_per_s"),
-        "nonfinite_skipped": result["nonfinite_skipped"],
-        "engine": name,
-        "zero_stage": getattr(engine, "zero_stage", None),
-        "world_size": dist.world_size,
-        "rank_weight_digests": digests,
-        "seed": cfg.train.seed,
-        "git_commit": git_commit(),
-        "exported_encoder": exported,
-        "data_sources": {n: t.sources for n, t in tasks.items()},
-        "sizes": {n: {s: len(d) for s, d in t.splits.items()} for n, t in tasks.items()},
-        # With settings changed on resume (--allow-config-change): the config the run started with, and
-        # each change with the checkpoint step it was resumed from.
-        "config": start.original if start.changes else config_mod.to_dict(cfg),
-        "config_changes": start.changes,
-    }
-    if dist.is_main:
-        checkpoint.write_json(out / "results.json", results)
-        if exported:  # after results.json: the model card reports its dev metrics
-            export_encoder(model, tokenizer, cfg, out / "encoder", run_dir=out)
+        # Replicas must agree bit for bit after training; a digest per rank makes that checkable.
+        digests = dist.all_gather_object(weights_digest(model))
+        want_test = "test" in cfg.train.predict and any("test" in t.splits for t in tasks.values())
+        exported = None
+        if want_test or cfg.train.export_encoder:
+            dist.barrier()  # rank 0 wrote best/model.pt
+            model.load_state_dict(checkpoint.model_weights(out / "best" / "model.pt"))
+        if want_test:
+            evaluate(model, tasks, "test", cfg.train.eval_batch_size, dist.device, gather=dist,
+                     pred_dir=out / "predictions" if dist.is_main else None)
+        if cfg.train.export_encoder:
+            exported = str(out / "encoder")
+        results = {
+            "dev": result["best"]["dev"],
+            "best_step": result["best"]["step"],
+            "steps": result["steps"],
+            "wall_time_s": time.time() - started,
+            "train_time_s": result["wall_time_s"],
+            "eval_time_s": result["eval_time_s"],
+            "train_samples_per_s": result.get("samples_per_s"),
+            "nonfinite_skipped": result["nonfinite_skipped"],
+            "engine": name,
+            "zero_stage": getattr(engine, "zero_stage", None),
+            "world_size": dist.world_size,
+            "rank_weight_digests": digests,
+            "seed": cfg.train.seed,
+            "git_commit": git_commit(),
+            "exported_encoder": exported,
+            "data_sources": {n: t.sources for n, t in tasks.items()},
+            "sizes": {n: {s: len(d) for s, d in t.splits.items()} for n, t in tasks.items()},
+            # With settings changed on resume (--allow-config-change): the config the run started with, and
+            # each change with the checkpoint step it was resumed from.
+            "config": start.original if start.changes else config_mod.to_dict(cfg),
+            "config_changes": start.changes,
+        }
+        if dist.is_main:
+            checkpoint.write_json(out / "results.json", results)
+            if exported:  # after results.json: the model card reports its dev metrics
+                export_encoder(model, tokenizer, cfg, out / "encoder", run_dir=out)
+            if writer is not None:
+                writer.close()
+    except BaseException as e:
         if writer is not None:
-            writer.close()
+            writer.close(e)
+        raise
     dist.barrier()
     return results
 
@@ -156,14 +161,14 @@ def run(cfg: Config, out: str | Path, resume: str | None = None, overwrite: bool
 # ---------------------------------------------------------------- the run folder
 
 # What `run` writes into a run folder; `--overwrite` removes exactly these, nothing else found there.
-RUN_OUTPUTS = ("config.json", "config_changes.json", "results.json", "best", "checkpoints", "tb",
+RUN_OUTPUTS = ("config.json", "config_changes.json", "results.json", "best", "checkpoints", *report.OUTPUTS,
                "diagnostics.jsonl", "diagnostics_cos.png", "predictions", "predictions.tmp", "trace", "encoder")
 
 # Settings a resume may change without breaking exactness: they only affect logging, evaluation batching,
 # outputs and observers (diagnostics leave training bit-identical). Any other change needs
 # --allow-config-change.
 HARMLESS = ("name", "data.cache_dir", "train.eval_batch_size", "train.log_every", "train.predict",
-            "train.num_threads", "train.trace", "train.export_encoder", "train.save_checkpoints",
+            "train.report_to", "train.num_threads", "train.trace", "train.export_encoder", "train.save_checkpoints",
             "diagnostics.")
 
 
@@ -301,11 +306,12 @@ def _prepare(out: Path, start: Start) -> None:
         (out / "results.json").unlink(missing_ok=True)
         if start.checkpoint.parent == out / "checkpoints":
             checkpoint.write_json(out / "checkpoints" / "latest", start.checkpoint.name)
-        dropped = checkpoint.truncate_jsonl(out / "diagnostics.jsonl", lambda r: r["step"] <= start.step)
+        dropped = sum(checkpoint.truncate_jsonl(out / name, lambda r: r["step"] <= start.step)
+                      for name in ("diagnostics.jsonl", report.JSONL_FILE))
         for trace in sorted((out / "trace").glob("rank*.jsonl")):  # a trace line's step is 0-based
             dropped += checkpoint.truncate_jsonl(trace, lambda r: r["step"] < start.step)
         if dropped:
-            log.info("dropped %d diagnostics/trace record(s) past step %d", dropped, start.step)
+            log.info("dropped %d diagnostics/scalars/trace record(s) past step %d", dropped, start.step)
     checkpoint.write_json(out / "config.json", start.config)
     if start.changes:
         checkpoint.write_json(out / "config_changes.json", {"original": start.original, "changes": start.changes})
@@ -326,7 +332,8 @@ def read_run_config(run_dir: Path, overrides: dict | None = None) -> Config:
         stored = json.loads(path.read_text())
     except ValueError as e:
         raise checkpoint.RunFolderError(f"{path}: not valid JSON ({e})") from None
-    return config_mod.load(None, {**stored, **(overrides or {})})
+    # Reporting is over for this run: evaluating or exporting it needs none of its backends installed.
+    return config_mod.load(None, {**stored, **(overrides or {})}, report=False)
 
 
 def best_weights(run_dir: Path) -> dict:
