@@ -263,6 +263,18 @@ def test_eval_only_metrics_equal_a_recomputation_from_the_best_weights(eval_only
     assert dev["sst_probe"] == {"acc": pytest.approx((pred == labels).mean())}
 
 
+def test_adding_eval_only_tasks_changes_no_training_step(eval_only_run, tmp_path):
+    # The main configs carry SICK: their trained tasks must train exactly as they did without it.
+    from mtkit.run import run
+    from test_smoke import scalars
+    _, root, _, out, results = eval_only_run
+    plain = run(load(tmp_path, **tiny_overrides(root, tmp_path / "cache")), tmp_path / "plain")
+    assert scalars(tmp_path / "plain", "train/loss/") == scalars(out, "train/loss/")
+    assert plain["rank_weight_digests"] == results["rank_weight_digests"]
+    assert {t: plain["dev"][t] for t in ("sst", "quora", "sts", "overall")} == \
+        {t: results["dev"][t] for t in ("sst", "quora", "sts", "overall")}
+
+
 def test_eval_only_tasks_are_not_trained_and_not_in_the_overall_score(eval_only_run):
     from mtkit.checkpoint import model_weights
     from test_smoke import scalars
