@@ -198,8 +198,9 @@ def test_study_folder_refuses_another_profile_or_changed_cell(tmp_path):
     study_mod.check_study_folder(tmp_path, study, "quick", write=True)  # the same study again: fine
     with pytest.raises(StudyError, match="profile 'quick', not 'full'"):
         study_mod.check_study_folder(tmp_path, study, "full", write=False)
+    before = study.profiles["quick"]["train.max_steps"]
     study.cells[0].overrides["train.max_steps"] = 10  # as if the study file had been edited
-    with pytest.raises(StudyError, match=r"cell 'finetune' changed .*train.max_steps: '300' -> '10'"):
+    with pytest.raises(StudyError, match=rf"cell 'finetune' changed .*train.max_steps: '{before}' -> '10'"):
         study_mod.check_study_folder(tmp_path, study, "quick", write=False)
 
 
