@@ -8,8 +8,10 @@ its type, default and allowed values, generated from `mtkit/config.py`.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import sys
 
 from mtkit import config as config_mod
@@ -59,6 +61,8 @@ def parse(argv: list[str], prog: str = "mtkit train") -> tuple[argparse.Namespac
 def train_main(argv: list[str] | None = None, prog: str = "mtkit train") -> None:
     args, overrides = parse(sys.argv[1:] if argv is None else argv, prog)
     progress.setup_logging(args.quiet)
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints where a run that seems hung is, and it goes on
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     from mtkit.checkpoint import RunFolderError
     from mtkit.loop import TrainingStopped
     from mtkit.pipeline import run_any

@@ -149,16 +149,22 @@ class StopRequest:
     from a signal handler can fail when the main thread is in the middle of a write.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self, launcher: tuple[int, ...] = (), poll_s: float = 1.0):
         self.reason: str | None = None
         self.launcher, self.poll_s = launcher, poll_s
         self._previous: dict = {}
+        self._previous_mask: set | None = None
         self._done = threading.Event()
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # signal.signal works only there
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+            # A blocked mask is inherited through fork and exec: a job runner or a parent that blocks
+            # these signals would otherwise leave the run unstoppable except by SIGKILL.
+            self._previous_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
         if self.launcher:
             threading.Thread(target=self._watch_launcher, name="mtkit-launcher-watch", daemon=True).start()
         return self
@@ -167,6 +173,8 @@ class StopRequest:
         self._done.set()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._previous_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._previous_mask)
 
     def _on_signal(self, signum, frame) -> None:
         if self.reason is None:

@@ -97,65 +97,67 @@ def _train(cfg, out, model, tasks, sampler, engine, dist, hooks, writer, resume,
     t_start, total_samples, eval_time = time.perf_counter(), 0, 0.0
     bar = progress.bar(desc="train", total=steps, initial=step)  # rank 0 only, silenced by --quiet
     trace = _open_trace(out, dist) if cfg.train.trace else None
-    while step < steps:
-        if cfg.train.mode == "lp_ft" and step == cfg.train.lp_steps:
-            model.freeze_encoder(False)
-        for _ in range(rounds):
-            group = [next(batches) for _ in range(per_round)]
-            if trace is not None:
-                for task, indices in group:
-                    trace.write(json.dumps({"step": step, "task": task, "indices": list(indices)}) + "\n")
-            group = [(task, to_device(batch_for(tasks[task], "train", indices, pad_id), dist.device))
-                     for task, indices in group]
-            passes = joint.passes(group) if joint is not None else [(task, batch, None) for task, batch in group]
-            for task, batch, weight in passes:
-                with engine.autocast():
-                    loss = engine(task, batch, weight)
-                with check.watch(task, loss):
-                    engine.backward(loss)
-                for h in hooks:
-                    h.on_backward(step, task, engine)
-                engine.step(skip=engine.at_boundary() and check.step_failed())
-                n = batch["input_ids"].shape[0] // batch["n_texts"] * dist.world_size
-                meter.add(task, loss, n)
-                total_samples += n
-        step += 1
-        bar.update(1)
-        for h in hooks:
-            h.on_step(step, engine)
-        if check.bad_task is not None:
-            # The step was not applied: weights and optimizer state are still those after step - 1.
-            skipped += 1
-            if writer is not None:
-                writer.add_scalar("train/nonfinite_skipped", skipped, step)
-            where = f"non-finite loss or gradient in task {check.bad_task!r} at step {step}"
-            if cfg.train.nonfinite == "stop":
-                saved = _save(cfg, out, engine, sampler, joint, dist, step, best, force=True)
-                _close(bar, trace, hooks, writer)
-                raise TrainingStopped(f"{where}; the step was not applied. The weights in {saved} are those "
-                                      f"after step {step - 1}. Check that task's data and the learning rate; "
-                                      "--resume auto continues after this batch, --train.nonfinite=skip skips "
-                                      "such steps.", exit_code=2)
-            if dist.is_main:
-                log.warning("%s: optimizer step skipped (%d so far)", where, skipped)
+    # Closed however the loop ends (a stop, an error): an open bar would be redrawn at interpreter exit, after
+    # whatever the process printed since, and the trace and diagnostics files would stay unflushed.
+    try:
+        while step < steps:
+            if cfg.train.mode == "lp_ft" and step == cfg.train.lp_steps:
+                model.freeze_encoder(False)
+            for _ in range(rounds):
+                group = [next(batches) for _ in range(per_round)]
+                if trace is not None:
+                    for task, indices in group:
+                        trace.write(json.dumps({"step": step, "task": task, "indices": list(indices)}) + "\n")
+                group = [(task, to_device(batch_for(tasks[task], "train", indices, pad_id), dist.device))
+                         for task, indices in group]
+                passes = joint.passes(group) if joint is not None else [(task, batch, None) for task, batch in group]
+                for task, batch, weight in passes:
+                    with engine.autocast():
+                        loss = engine(task, batch, weight)
+                    with check.watch(task, loss):
+                        engine.backward(loss)
+                    for h in hooks:
+                        h.on_backward(step, task, engine)
+                    engine.step(skip=engine.at_boundary() and check.step_failed())
+                    n = batch["input_ids"].shape[0] // batch["n_texts"] * dist.world_size
+                    meter.add(task, loss, n)
+                    total_samples += n
+            step += 1
+            bar.update(1)
+            for h in hooks:
+                h.on_step(step, engine)
+            if check.bad_task is not None:
+                # The step was not applied: weights and optimizer state are still those after step - 1.
+                skipped += 1
+                if writer is not None:
+                    writer.add_scalar("train/nonfinite_skipped", skipped, step)
+                where = f"non-finite loss or gradient in task {check.bad_task!r} at step {step}"
+                if cfg.train.nonfinite == "stop":
+                    saved = _save(cfg, out, engine, sampler, joint, dist, step, best, force=True)
+                    raise TrainingStopped(f"{where}; the step was not applied. The weights in {saved} are those "
+                                          f"after step {step - 1}. Check that task's data and the learning rate; "
+                                          "--resume auto continues after this batch, --train.nonfinite=skip skips "
+                                          "such steps.", exit_code=2)
+                if dist.is_main:
+                    log.warning("%s: optimizer step skipped (%d so far)", where, skipped)
 
-        if step % cfg.train.log_every == 0 or step == steps:
-            meter.log(step, writer, bar, engine.lrs())
+            if step % cfg.train.log_every == 0 or step == steps:
+                meter.log(step, writer, bar, engine.lrs())
 
-        saved = None
-        if step % eval_every == 0 or step == steps:
-            t_eval = time.perf_counter()
-            best = _evaluate_and_keep_best(cfg, out, model, tasks, dist, writer, step, best)
-            meter.restart_clock()  # evaluation time is not training throughput
-            eval_time += time.perf_counter() - t_eval
-            saved = _save(cfg, out, engine, sampler, joint, dist, step, best)
-        if check.stop_reason is not None and step < steps:
-            saved = saved or _save(cfg, out, engine, sampler, joint, dist, step, best, force=True)
-            _close(bar, trace, hooks, writer)
-            raise TrainingStopped(f"stopped after step {step} of {steps} ({check.stop_reason}); checkpoint {saved}. "
-                                  "To continue, run the same command with --resume auto (same --out).",
-                                  exit_code=0)
-    _close(bar, trace, hooks, writer)
+            saved = None
+            if step % eval_every == 0 or step == steps:
+                t_eval = time.perf_counter()
+                best = _evaluate_and_keep_best(cfg, out, model, tasks, dist, writer, step, best)
+                meter.restart_clock()  # evaluation time is not training throughput
+                eval_time += time.perf_counter() - t_eval
+                saved = _save(cfg, out, engine, sampler, joint, dist, step, best)
+            if check.stop_reason is not None and step < steps:
+                saved = saved or _save(cfg, out, engine, sampler, joint, dist, step, best, force=True)
+                raise TrainingStopped(f"stopped after step {step} of {steps} ({check.stop_reason}); checkpoint "
+                                      f"{saved}. To continue, run the same command with --resume auto (same --out).",
+                                      exit_code=0)
+    finally:
+        _close(bar, trace, hooks, writer)
     wall = time.perf_counter() - t_start
     return {"best": best, "steps": step, "wall_time_s": wall, "eval_time_s": eval_time,
             "samples_per_s": total_samples / max(1e-9, wall - eval_time), "nonfinite_skipped": skipped}

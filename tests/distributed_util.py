@@ -1,6 +1,7 @@
 """Multi-process helpers for tests: gloo ranks spawned in-process, and real DeepSpeed/torchrun launches."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -130,15 +132,128 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def launch(cmd_for_port: Callable[[int], list[str]]) -> tuple[subprocess.CompletedProcess, int]:
-    """Run the launch command built for a fresh port; again on another port if the port was taken."""
+def port_attempts():
+    """(fresh port, is it the last try) for each try of a launch: a launch moves on to the next port only
+    when it failed because another process took its port first (ADDRESS_IN_USE in its output)."""
     for attempt in range(1, LAUNCH_ATTEMPTS + 1):
-        port = launch_port()
+        yield launch_port(), attempt == LAUNCH_ATTEMPTS
+
+
+def launch(cmd_for_port: Callable[[int], list[str]]) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the launch command built for a fresh port to its end; again on another port if the port was taken."""
+    for port, last in port_attempts():
         proc = run(cmd_for_port(port))
-        taken = proc.returncode != 0 and ADDRESS_IN_USE.search(proc.stdout + proc.stderr)
-        if not taken or attempt == LAUNCH_ATTEMPTS:
+        if last or proc.returncode == 0 or not ADDRESS_IN_USE.search(proc.stdout + proc.stderr):
             return proc, port
         print(f"port {port} was taken during the launch; retrying on another one", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- live launches (signalled while they run)
+
+class Started:
+    """A command in its own session, output in files; `close()` kills whatever of it is still alive. Every
+    wait has a deadline, and a missed one fails with each process's stack (mtkit prints it on SIGUSR1) and
+    signal masks, so a hang says where it is instead of running into an outer time limit."""
+
+    def __init__(self, cmd: list[str], logs: Path, extra_env: dict | None = None):
+        logs.mkdir(parents=True, exist_ok=True)
+        self.out, self.err = open(logs / "stdout", "w+"), open(logs / "stderr", "w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL, cwd=REPO,
+                                     env={**env(), **(extra_env or {})}, start_new_session=True)
+        self.seen: set[int] = {self.proc.pid}
+
+    def output(self) -> str:
+        self.out.flush(), self.err.flush()
+        self.out.seek(0), self.err.seek(0)
+        return self.out.read() + self.err.read()
+
+    def processes(self) -> list[psutil.Process]:
+        """The launch and every process it started (remembered, so orphans are found too)."""
+        with contextlib.suppress(psutil.Error):
+            self.seen |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+        alive = []
+        for pid in self.seen:
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        return alive
+
+    def rank(self, r: int) -> psutil.Process:
+        return next(p for p in self.processes() if f"--local_rank={r}" in p.cmdline())
+
+    def fail(self, what: str) -> None:
+        states = []
+        for p in self.processes():
+            with contextlib.suppress(psutil.Error, OSError):
+                status = Path(f"/proc/{p.pid}/status").read_text()
+                masks = " ".join(line.replace("\t", "") for line in status.splitlines()
+                                 if line.startswith(("State", "SigBlk", "SigIgn", "SigCgt")))
+                states.append(f"{p.pid} {' '.join(p.cmdline()[:3])}: {masks}")
+                if "launchers/train.py" in p.cmdline():
+                    p.send_signal(signal.SIGUSR1)  # mtkit's faulthandler prints every thread's stack
+        time.sleep(2)
+        pytest.fail(f"{what}\nprocesses:\n" + "\n".join(states) + f"\noutput:\n{self.output()[-8000:]}")
+
+    def wait_for(self, condition, what: str, deadline_s: float = TIMEOUT_S) -> None:
+        deadline = time.monotonic() + deadline_s
+        while not condition():
+            self.processes()  # keep track of children while they live
+            if self.proc.poll() is not None:
+                pytest.fail(f"exited ({self.proc.returncode}) before {what}:\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                self.fail(f"no {what} after {deadline_s} s")
+            time.sleep(0.1)
+
+    def wait_exit(self, deadline_s: float = TIMEOUT_S) -> int:
+        try:
+            return self.proc.wait(deadline_s)
+        except subprocess.TimeoutExpired:
+            self.fail(f"still running {deadline_s} s later")
+
+    def wait_gone(self, deadline_s: float) -> None:
+        deadline = time.monotonic() + deadline_s
+        while self.processes():
+            if time.monotonic() > deadline:
+                self.fail(f"still running after {deadline_s} s")
+            time.sleep(0.2)
+        self.proc.wait()
+
+    def close(self) -> None:
+        for p in self.processes():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.out.close(), self.err.close()
+
+
+@contextlib.contextmanager
+def started(cmd: list[str], logs: Path, extra_env: dict | None = None):
+    run = Started(cmd, logs, extra_env)
+    try:
+        yield run
+    finally:
+        run.close()
+
+
+@contextlib.contextmanager
+def launch_ready(processes_for_port, logs: Path, ready, what: str):
+    """Start the processes `processes_for_port(port)` gives ([(cmd, extra_env), ...]) on a fresh port and wait
+    until `ready()`; yields (port, [Started, ...]). Retried on another port like `launch`."""
+    for port, last in port_attempts():
+        with contextlib.ExitStack() as stack:
+            runs = [stack.enter_context(started(cmd, logs / f"port{port}-{i}", extra_env))
+                    for i, (cmd, extra_env) in enumerate(processes_for_port(port))]
+            try:
+                runs[0].wait_for(ready, what)
+            except pytest.fail.Exception:
+                if not last and any(ADDRESS_IN_USE.search(r.output()) for r in runs):
+                    continue
+                raise
+            yield port, runs
+            return
 
 
 def shm_workspaces(port: int) -> list[Path]:

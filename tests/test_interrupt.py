@@ -3,27 +3,23 @@ group; the launcher killed; a rank killed or hung. Progress is detected by watch
 by sleeping; every launch runs in its own session and is killed with all its processes if a test fails."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import REPO, write_toy_data
-from distributed_util import ADDRESS_IN_USE, LAUNCH_ATTEMPTS, env, launch_port, shm_workspaces, train
+from conftest import write_toy_data
+from distributed_util import TIMEOUT_S, launch_ready, shm_workspaces, started, train
 from mtkit.distributed import StopRequest, init_distributed
 from test_smoke import scalars
 
-DEADLINE_S = 300  # generous: the 2-core test machine is shared; a launch takes minutes to start there
 ENDLESS = "--train.max_steps=100000"  # runs until stopped; tests resume it with a finite max_steps
 # ...which changes a setting, so the resume says so (constant lr, no warmup: the run stays exact).
 FINITE = "--allow-config-change"
@@ -41,93 +37,6 @@ def common(root: Path, cache: Path) -> list[str]:
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("interrupt")
     return write_toy_data(tmp / "data"), tmp / "cache"
-
-
-class Launch:
-    """A command in its own session, output in files; `close()` kills whatever of it is still alive."""
-
-    def __init__(self, cmd: list[str], logs: Path, extra_env: dict | None = None):
-        logs.mkdir(parents=True, exist_ok=True)
-        self.out, self.err = open(logs / "stdout", "w+"), open(logs / "stderr", "w+")
-        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, cwd=REPO,
-                                     env={**env(), **(extra_env or {})}, start_new_session=True)
-        self.seen: set[int] = {self.proc.pid}
-
-    def output(self) -> str:
-        self.out.flush(), self.err.flush()
-        self.out.seek(0), self.err.seek(0)
-        return self.out.read() + self.err.read()
-
-    def processes(self) -> list[psutil.Process]:
-        """The launch and every process it started (remembered, so orphans are found too)."""
-        with contextlib.suppress(psutil.Error):
-            self.seen |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
-        alive = []
-        for pid in self.seen:
-            with contextlib.suppress(psutil.Error):
-                p = psutil.Process(pid)
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-        return alive
-
-    def rank(self, r: int) -> psutil.Process:
-        return next(p for p in self.processes() if f"--local_rank={r}" in p.cmdline())
-
-    def wait_for(self, condition, what: str, deadline_s: float = DEADLINE_S) -> None:
-        deadline = time.monotonic() + deadline_s
-        while not condition():
-            self.processes()  # keep track of children while they live
-            if self.proc.poll() is not None:
-                pytest.fail(f"exited ({self.proc.returncode}) before {what}:\n{self.output()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {what} after {deadline_s} s:\n{self.output()[-4000:]}")
-            time.sleep(0.1)
-
-    def wait_gone(self, deadline_s: float) -> None:
-        deadline = time.monotonic() + deadline_s
-        while self.processes():
-            if time.monotonic() > deadline:
-                pytest.fail(f"still running after {deadline_s} s: {self.processes()}\n{self.output()[-4000:]}")
-            time.sleep(0.2)
-        self.proc.wait()
-
-    def close(self) -> None:
-        for p in self.processes():
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.out.close(), self.err.close()
-
-
-@contextlib.contextmanager
-def launch(cmd: list[str], logs: Path, extra_env: dict | None = None):
-    run = Launch(cmd, logs, extra_env)
-    try:
-        yield run
-    finally:
-        run.close()
-
-
-@contextlib.contextmanager
-def launch_ready(processes_for_port, logs: Path, ready, what: str):
-    """Start the processes `processes_for_port(port)` gives ([(cmd, extra_env), ...]) on a fresh port and wait
-    until `ready()`; yields (port, launches). A launch that lost its port to another process before binding
-    it is started again on another port, as `distributed_util.launch` does for launches run to the end."""
-    for attempt in range(1, LAUNCH_ATTEMPTS + 1):
-        port = launch_port()
-        with contextlib.ExitStack() as stack:
-            runs = [stack.enter_context(launch(cmd, logs / f"try{attempt}-{i}", extra_env))
-                    for i, (cmd, extra_env) in enumerate(processes_for_port(port))]
-            try:
-                runs[0].wait_for(ready, what)
-            except pytest.fail.Exception:
-                if attempt < LAUNCH_ATTEMPTS and any(ADDRESS_IN_USE.search(r.output()) for r in runs):
-                    continue
-                raise
-            yield port, runs
-            return
 
 
 def deepspeed_cmd(out: Path, *args: str, port: int) -> list[str]:
@@ -161,15 +70,34 @@ def test_stop_request_keeps_the_first_signal_and_restores_the_handlers():
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+def test_stop_request_receives_the_signals_a_parent_blocked():
+    # A job runner may start training with SIGTERM and SIGINT blocked, and the mask survives fork and exec:
+    # the run would then be stoppable only by SIGKILL, losing everything since its last checkpoint.
+    signals = set(StopRequest.SIGNALS)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        with StopRequest() as stop:
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.reason == "SIGTERM"
+        assert signals <= signal.pthread_sigmask(signal.SIG_BLOCK, set())  # the parent's mask is back
+    finally:
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)  # a signal left pending is dropped, not fatal
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(data, tmp_path):
     args = common(*data)
     out = tmp_path / "run"
     cmd = [sys.executable, "launchers/train.py", "--config", "configs/debug_tiny.yaml", "--out", str(out), *args]
-    with launch([*cmd, ENDLESS], tmp_path / "logs") as run:
+    with started([*cmd, ENDLESS], tmp_path / "logs") as run:
         run.wait_for(has_checkpoint(out), "first checkpoint")
+        run.proc.send_signal(signal.SIGUSR1)  # where is it? every thread's stack, and training goes on
+        run.wait_for(lambda: "(most recent call first)" in run.output(), "stack on SIGUSR1")
         run.proc.send_signal(signal.SIGTERM)
         run.proc.send_signal(signal.SIGINT)  # a second signal while stopping changes nothing
-        assert run.proc.wait(DEADLINE_S) == 0, run.output()[-4000:]
+        assert run.wait_exit() == 0, run.output()[-4000:]
         output = run.output()
     s = stop_step(out)
     # Pending together, the signals are delivered in signal-number order: either one names the stop.
@@ -239,13 +167,13 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(target, dat
                       has_checkpoint(out), "first checkpoint") as (port, (run,)):
         if target == "rank1":
             run.rank(1).send_signal(signal.SIGTERM)  # rank 0 learns of it through the step's all-reduce
-            assert run.proc.wait(DEADLINE_S) == 0, run.output()[-4000:]
+            assert run.wait_exit() == 0, run.output()[-4000:]
         else:
             # Ctrl-C in a terminal or a scheduler: every process of the launch gets the signal, and
             # DeepSpeed's launch.py sends its ranks a second one. The `deepspeed` command itself has no
             # handler and dies of it; the ranks checkpoint and exit 0 before launch.py's 30 s grace ends.
             os.killpg(run.proc.pid, signal.SIGTERM)
-            run.wait_gone(DEADLINE_S)
+            run.wait_gone(TIMEOUT_S)
         output = run.output()
     s = stop_step(out, ranks=2)
     assert f"stopped after step {s} of 100000" in output and "--resume auto" in output

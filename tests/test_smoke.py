@@ -162,3 +162,29 @@ def test_bad_data_fails_with_file_and_line(toy_root, tiny_cfg, tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2
     assert f"{path}:4:" in proc.stderr and "seven" in proc.stderr
+
+
+def test_an_error_inside_the_loop_closes_its_bar_and_files(tiny_cfg, tmp_path, monkeypatch):
+    # In a process that lives on (a notebook, a test session), a bar left open is redrawn later, after
+    # whatever was printed since, and an unclosed trace may miss its last lines.
+    import mtkit.loop as loop
+    bars = []
+
+    def recorded_bar(*args, **kwargs):
+        bars.append(real_bar(*args, **kwargs))
+        return bars[-1]
+
+    def failing_evaluation(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    real_bar = loop.progress.bar
+    monkeypatch.delenv("MTKIT_QUIET", raising=False)
+    monkeypatch.setattr(loop.progress, "bar", recorded_bar)
+    monkeypatch.setattr(loop, "_evaluate_and_keep_best", failing_evaluation)
+    cfg = tiny_cfg(**{"train.trace": True, "train.eval_every": 3})
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run(cfg, tmp_path / "run")
+    (train_bar,) = [b for b in bars if b.desc == "train"]
+    assert train_bar.n == 3 and train_bar.disable  # tqdm.close() disables the bar
+    trace = [json.loads(line) for line in (tmp_path / "run" / "trace" / "rank0.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in trace] == [0, 1, 2]
