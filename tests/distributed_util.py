@@ -279,6 +279,22 @@ def torchrun(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedPro
     return proc
 
 
+def torchrun_nodes(script: str, *args: str, logs: Path, nodes: int = 2) -> list[tuple[int, str]]:
+    """A `nodes`-node job with one rank per node, every node on this machine: one `torchrun --nnodes N
+    --node_rank K` each, meeting at node 0's TCP store on loopback. Returns (exit code, output) per node."""
+    launcher = Path(sys.executable).with_name("torchrun")
+    for port, last in port_attempts():
+        with contextlib.ExitStack() as stack:
+            runs = [stack.enter_context(started(
+                [str(launcher), "--nnodes", str(nodes), "--node_rank", str(k), "--nproc_per_node", "1",
+                 "--master_addr", "127.0.0.1", "--master_port", str(port), script, *args],
+                logs / f"port{port}-node{k}")) for k in range(nodes)]
+            ends = [(r.wait_exit(), r.output()) for r in runs]
+        if last or all(code == 0 for code, _ in ends) or not any(ADDRESS_IN_USE.search(o) for _, o in ends):
+            return ends
+        print(f"port {port} was taken during the launch; retrying on another one", file=sys.stderr)
+
+
 def train(out: Path, *overrides: str, ranks: int = 2, resume: str | None = None):
     args = ["--config", "configs/debug_tiny.yaml", "--out", str(out), *overrides]
     if resume:

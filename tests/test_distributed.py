@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import write_toy_data
-from distributed_util import deepspeed, run, torchrun, train
+from distributed_util import deepspeed, run, torchrun, torchrun_nodes, train
 from test_smoke import scalars
 
 pytestmark = pytest.mark.slow
@@ -174,6 +174,25 @@ def test_torchrun_launch(data, tmp_path):
     r = json.loads((out / "results.json").read_text())
     assert (r["engine"], r["world_size"], r["zero_stage"]) == ("deepspeed", 2, 1)
     assert r["rank_weight_digests"][0] == r["rank_weight_digests"][1]
+
+
+def test_two_nodes_of_one_rank_equal_one_node_of_two(data, tmp_path):
+    # What changes between nodes: each rank is LOCAL_RANK 0 of its node, DeepSpeed cannot use its
+    # shared-memory all-reduce across nodes (gloo over TCP instead), and the rendezvous is torchrun's
+    # static one. The run folder and data cache stand for a shared file system.
+    args = ["--config", "configs/debug_tiny.yaml", *common(*data), "--train.batch_size=8", CROSS,
+            "--deepspeed.config=configs/deepspeed/zero2.json"]
+    nodes, single = tmp_path / "nodes", tmp_path / "single"
+    ends = torchrun_nodes("launchers/train.py", *args, "--out", str(nodes), logs=tmp_path / "logs")
+    for node, (code, output) in enumerate(ends):
+        assert code == 0, f"node {node}:\n{output[-4000:]}"
+    proc = torchrun("launchers/train.py", *args, "--out", str(single))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = (json.loads((d / "results.json").read_text()) for d in (nodes, single))
+    assert (a["engine"], a["world_size"], a["zero_stage"]) == ("deepspeed", 2, 2)
+    assert a["rank_weight_digests"][0] == a["rank_weight_digests"][1]
+    assert scalars(nodes, "train/loss/") == scalars(single, "train/loss/")
+    assert a["rank_weight_digests"] == b["rank_weight_digests"] and a["dev"] == b["dev"]
 
 
 def test_stream_diagnostics_under_zero2(data, tmp_path):
