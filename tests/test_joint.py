@@ -14,6 +14,7 @@ from mtkit.engine import TorchEngine
 from mtkit.model import MultiTaskModel
 from mtkit.strategies import make_strategy
 from mtkit.strategies.joint import JointStep
+from mtkit.strategies.simple import SumStrategy
 
 from test_model import batch, tasks, tiny_encoder
 from test_strategies import vector_cagrad, vector_gradvac
@@ -128,6 +129,26 @@ def test_applied_update_is_the_strategy_of_the_same_gradients(strategy, grad_acc
     for task, ref in heads.items():  # heads: their own gradient, never scaled by the strategy
         for got, want in zip(applied_heads[task], ref):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_sum_skips_the_side_passes_and_applies_the_same_update():
+    class MeasuredSum(SumStrategy):  # the same weights, through the side passes every strategy used to take
+        uses_gram = True
+
+    updates = []
+    for strategy in (SumStrategy(), MeasuredSum()):
+        model, engine, joint, group = setup("sum", grad_accum=2)
+        joint.strategy = strategy
+        calls = []
+        model.register_forward_pre_hook(lambda *_: calls.append(1))
+        torch.manual_seed(123)
+        applied, heads = train_joint_step(engine, joint, group)
+        updates.append((applied, heads, torch.get_rng_state(), len(calls)))
+    (fast, fast_heads, fast_rng, fast_calls), (slow, slow_heads, slow_rng, slow_calls) = updates
+    assert (fast_calls, slow_calls) == (len(group), 2 * len(group))
+    assert torch.equal(fast, slow) and torch.equal(fast_rng, slow_rng)
+    for task in fast_heads:
+        assert all(torch.equal(a, b) for a, b in zip(fast_heads[task], slow_heads[task]))
 
 
 def test_accumulation_combines_the_whole_step_once():

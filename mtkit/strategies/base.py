@@ -20,6 +20,8 @@ class Strategy:
     """Base class: ``weights(K)`` returns the combination coefficients of the task gradients."""
 
     name: ClassVar[str]
+    # False when the weights never depend on K: the joint step then skips the side passes that measure it.
+    uses_gram: ClassVar[bool] = True
 
     def weights(self, K: torch.Tensor) -> torch.Tensor:
         """K: [T, T] Gram of the per-task gradients -> [T] float64 weights (on CPU)."""

@@ -18,6 +18,8 @@ engine, ZeRO stage or world size. The RNG ends where a single pass over the batc
 
 Cost: every batch is forwarded and back-propagated twice (side and engine pass), about twice the compute
 of a plain step on the same batches, plus T flattened gradient vectors in memory and one small reduction.
+A strategy whose weights do not depend on the Gram (`sum`) skips the side passes: one pass per batch, the
+same masks and the same update as with them (tested).
 """
 from __future__ import annotations
 
@@ -44,6 +46,12 @@ class JointStep:
     def passes(self, group: list[tuple[str, dict]]) -> Iterator[tuple[str, dict, float]]:
         """group: every (task, batch) of one optimizer step. Yields (task, batch, weight) for the engine;
         run each yielded pass before taking the next (the RNG is set for it)."""
+        if not self.strategy.uses_gram:  # weights that ignore the Gram: nothing to measure, one pass per batch
+            tasks = list(dict.fromkeys(task for task, _ in group))
+            w = self.strategy.weights(torch.zeros(len(tasks), len(tasks), dtype=torch.float64))  # [T]
+            for task, batch in group:
+                yield task, batch, float(w[tasks.index(task)])
+            return
         states, sums = [], {}                                                  # sums: task -> [P]
         for task, batch in group:
             states.append(_rng_state())
