@@ -16,10 +16,13 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import write_toy_data
-from distributed_util import TIMEOUT_S, launch_ready, shm_workspaces, started, train
+from distributed_util import launch_ready, shm_workspaces, started, train
 from mtkit.distributed import StopRequest, init_distributed
 from test_smoke import scalars
 
+# A stop takes one tiny step and a checkpoint: seconds. A stop that has not happened by then will not, and
+# failing early (with the stacks) beats running into an outer time limit with no output.
+STOP_S = 120
 ENDLESS = "--train.max_steps=100000"  # runs until stopped; tests resume it with a finite max_steps
 # ...which changes a setting, so the resume says so (constant lr, no warmup: the run stays exact).
 FINITE = "--allow-config-change"
@@ -97,7 +100,7 @@ def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(data
         run.wait_for(lambda: "(most recent call first)" in run.output(), "stack on SIGUSR1")
         run.proc.send_signal(signal.SIGTERM)
         run.proc.send_signal(signal.SIGINT)  # a second signal while stopping changes nothing
-        assert run.wait_exit() == 0, run.output()[-4000:]
+        assert run.wait_exit(STOP_S) == 0, run.output()[-4000:]
         output = run.output()
     s = stop_step(out)
     # Pending together, the signals are delivered in signal-number order: either one names the stop.
@@ -167,13 +170,13 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(target, dat
                       has_checkpoint(out), "first checkpoint") as (port, (run,)):
         if target == "rank1":
             run.rank(1).send_signal(signal.SIGTERM)  # rank 0 learns of it through the step's all-reduce
-            assert run.wait_exit() == 0, run.output()[-4000:]
+            assert run.wait_exit(STOP_S) == 0, run.output()[-4000:]
         else:
             # Ctrl-C in a terminal or a scheduler: every process of the launch gets the signal, and
             # DeepSpeed's launch.py sends its ranks a second one. The `deepspeed` command itself has no
             # handler and dies of it; the ranks checkpoint and exit 0 before launch.py's 30 s grace ends.
             os.killpg(run.proc.pid, signal.SIGTERM)
-            run.wait_gone(TIMEOUT_S)
+            run.wait_gone(STOP_S)
         output = run.output()
     s = stop_step(out, ranks=2)
     assert f"stopped after step {s} of 100000" in output and "--resume auto" in output
@@ -192,7 +195,7 @@ def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(data, tmp_path
         ranks = [run.rank(0), run.rank(1)]
         # Only the `deepspeed` command: DeepSpeed's launch.py under it neither notices nor stops its ranks.
         run.proc.kill()
-        run.wait_gone(120)  # the ranks poll their launcher chain every second, then finish a step and save
+        run.wait_gone(STOP_S)  # the ranks poll their launcher chain every second, then finish a step and save
         output = run.output()
     assert all(not r.is_running() for r in ranks)
     s = stop_step(out, ranks=2)
