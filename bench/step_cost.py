@@ -63,7 +63,6 @@ DECODERS = ["cosine", "cross_cosine"]
 @dataclass
 class Variant:
     name: str
-    cfg: object
     engine: object
     joint: object                       # a JointStep, or None for ordinary steps
     check: _StepCheck
@@ -113,16 +112,18 @@ def token_counts(batch: dict) -> dict:
             "padded_tokens": padded, "real_per_example": real / size, "padded_per_example": padded / size}
 
 
-def make_variant(name: str, cfg, dist, tasks_to: list[str], indices: dict, total_steps: int,
+def make_variant(name: str, cfg, dist, step_tasks: list[str], indices: dict, total_steps: int,
                  data: dict) -> Variant:
+    """A model and torch engine built as `mtkit.run` builds them, and its fixed batches of `step_tasks`;
+    `data` (task -> example ids of its batch) is shared by all variants, to check they train the same."""
     _, tasks, model = build(cfg, dist)
     engine = make_engine("torch", model, cfg, total_steps, dist)
     model.freeze_encoder(cfg.train.mode in ("linear_probe", "lp_ft"))  # as the loop's step 0
     model.train()
     check = _StepCheck(model, dist, StopRequest(), grads=cfg.train.precision != "fp16")
     group = [(t, to_device(batch_for(tasks[t], "train", indices[t], model.pad_id), dist.device))
-             for t in tasks_to]
-    v = Variant(name, cfg, engine, _joint_step(cfg, engine), check, group)
+             for t in step_tasks]
+    v = Variant(name, engine, _joint_step(cfg, engine), check, group)
     model.register_forward_pre_hook(lambda module, args: setattr(v, "calls", v.calls + 1))
     for t, _ in group:  # the same examples in every variant, whatever the tokenization
         ids = [tasks[t].splits["train"].examples[i].id for i in indices[t]]
