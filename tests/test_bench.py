@@ -88,3 +88,50 @@ def test_padding_benchmark_counts_pad_tokens_like_the_batches(toy_root, tmp_path
     speeds = {v: statistics.median(s["all"]) for v, s in report["samples_per_s"].items()}
     assert report["speedup_bucketed_vs_pad_to_max"] == pytest.approx(speeds["bucketed"] / speeds["pad_to_max"])
     assert all(t["real_per_s"]["median"] <= t["padded_per_s"]["median"] for t in report["tokens_per_s"].values())
+
+
+def test_step_cost_counts_passes_and_tokens(toy_root, tmp_path):
+    """Joint steps forward every batch once (sum) or twice (Gram strategies: side pass + engine pass); the
+    pair head's token counts follow from the tokenizer alone: a cross-encoder adds the pair as one sequence
+    ([CLS] a [SEP] b [SEP], len(a) + len(b) - 1 tokens) and pads all three rows to the longest pair."""
+    import torch
+
+    from bench import step_cost
+    config, cache = REPO / "configs" / "debug_tiny.yaml", tmp_path / "cache"
+    report = step_cost.main(["--config", str(config), "--steps", "1", "--repeats", "1",
+                             *toy_sets(toy_root, cache), "--out", str(tmp_path / "step_cost.json")])
+    assert json.loads((tmp_path / "step_cost.json").read_text()) == json.loads(json.dumps(report))
+    names, size = ["sst", "quora", "sts"], 16   # debug_tiny's tasks and train.batch_size
+    T = len(names)
+    assert report["tasks"] == names and report["batch_sizes"] == dict.fromkeys(names, size)
+    assert report["forward_passes_per_step"] == {
+        "ordinary": T, "joint_sum": T, "joint_pcgrad": 2 * T, "joint_gradvac": 2 * T, "joint_cagrad": 2 * T,
+        "quora_cosine": 1, "quora_cross_cosine": 1}
+    steps = report["seconds_per_step"]
+    assert all(len(s["all"]) == 1 and s["min"] > 0 for s in steps.values())
+    for name, ratio in report["ratio_vs_ordinary"].items():
+        assert ratio == pytest.approx(steps[name]["median"] / steps["ordinary"]["median"])
+    pair = report["pair_head"]
+    per_example = {d: s["median"] for d, s in pair["seconds_per_example"].items()}
+    for d in ("cosine", "cross_cosine"):
+        assert per_example[d] == pytest.approx(steps[f"quora_{d}"]["median"] / size)
+    assert pair["ratio_cross_cosine_vs_cosine"] == pytest.approx(per_example["cross_cosine"] / per_example["cosine"])
+
+    base = {"data.root": str(toy_root), "data.cache_dir": str(cache)}
+    tokenizer, tasks, model = build(config_mod.load(config, base), Dist())
+    for name in names:
+        split = tasks[name].splits["train"]
+        indices = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:size].tolist()
+        assert report["batches"][name]["indices"] == indices
+        mask = batch_for(tasks[name], "train", indices, model.pad_id)["attention_mask"]
+        assert report["batches"][name]["real_tokens"] == int(mask.sum())
+        assert report["batches"][name]["padded_tokens"] == mask.numel()
+    examples = [tasks["quora"].splits["train"].examples[i] for i in report["batches"]["quora"]["indices"]]
+    lengths = [[len(tokenizer(text)["input_ids"]) for text in e.texts] for e in examples]   # [B, 2]
+    tokens = pair["tokens"]
+    assert tokens["cosine"]["texts"] == 2 and tokens["cross_cosine"]["texts"] == 3
+    assert tokens["cosine"]["real_per_example"] == pytest.approx(sum(a + b for a, b in lengths) / size)
+    assert tokens["cross_cosine"]["real_per_example"] == pytest.approx(
+        sum(2 * (a + b) - 1 for a, b in lengths) / size)
+    assert tokens["cosine"]["padded_per_example"] == 2 * max(max(pair_) for pair_ in lengths)
+    assert tokens["cross_cosine"]["padded_per_example"] == 3 * max(a + b - 1 for a, b in lengths)
