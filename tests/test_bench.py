@@ -135,3 +135,22 @@ def test_step_cost_counts_passes_and_tokens(toy_root, tmp_path):
         sum(2 * (a + b) - 1 for a, b in lengths) / size)
     assert tokens["cosine"]["padded_per_example"] == 2 * max(max(pair_) for pair_ in lengths)
     assert tokens["cross_cosine"]["padded_per_example"] == 3 * max(a + b - 1 for a, b in lengths)
+
+
+def test_diagnostics_overhead_benchmark_runs_every_mode_at_its_defaults(toy_root, tmp_path):
+    from bench import diagnostics_overhead
+    out = tmp_path / "diagnostics_overhead.json"
+    report = diagnostics_overhead.main(["--config", str(REPO / "configs" / "debug_tiny.yaml"), "--steps", "4",
+                                        "--repeats", "2", "--warmup-steps", "2",
+                                        *toy_sets(toy_root, tmp_path / "cache"), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    defaults = config_mod.DiagnosticsConfig()
+    # The config file's own diagnostics settings (debug_tiny: probe every 4, batch 16) must not leak in.
+    assert report["settings"]["probe"]["diagnostics.every"] == defaults.every != 4
+    assert report["settings"]["probe"]["diagnostics.probe_batch_size"] == defaults.probe_batch_size != 16
+    speeds = {m: s["all"] for m, s in report["samples_per_s"].items()}
+    assert set(speeds) == {"off", "stream", "probe"} and all(len(v) == 2 and min(v) > 0 for v in speeds.values())
+    off = statistics.median(speeds["off"])
+    for mode, values in speeds.items():
+        assert report["overhead_pct"][mode] == pytest.approx(100 * (off / statistics.median(values) - 1))
+        assert report["ratio_per_repeat"][mode] == pytest.approx([v / o for v, o in zip(values, speeds["off"])])
