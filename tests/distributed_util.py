@@ -157,15 +157,16 @@ class Started:
 
     def __init__(self, cmd: list[str], logs: Path, extra_env: dict | None = None):
         logs.mkdir(parents=True, exist_ok=True)
-        self.out, self.err = open(logs / "stdout", "w+"), open(logs / "stderr", "w+")
+        self.logs = [logs / "stdout", logs / "stderr"]
+        self.out, self.err = (open(path, "wb") for path in self.logs)
         self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL, cwd=REPO,
                                      env={**env(), **(extra_env or {})}, start_new_session=True)
         self.seen: set[int] = {self.proc.pid}
 
     def output(self) -> str:
-        self.out.flush(), self.err.flush()
-        self.out.seek(0), self.err.seek(0)
-        return self.out.read() + self.err.read()
+        # Read while the process may be writing: the files can end inside a multi-byte character (a
+        # progress bar's blocks), which a strict decoder would turn into an error.
+        return "".join(path.read_bytes().decode("utf-8", "replace") for path in self.logs)
 
     def processes(self) -> list[psutil.Process]:
         """The launch and every process it started (remembered, so orphans are found too)."""
