@@ -191,7 +191,8 @@ class Started:
                 masks = " ".join(line.replace("\t", "") for line in status.splitlines()
                                  if line.startswith(("State", "SigBlk", "SigIgn", "SigCgt")))
                 states.append(f"{p.pid} {' '.join(p.cmdline()[:3])}: {masks}")
-                if "launchers/train.py" in p.cmdline():
+                script = [a for a in p.cmdline()[1:] if not a.startswith("-")][:1]
+                if script == ["launchers/train.py"]:  # a training process, not a launcher (SIGUSR1 kills those)
                     p.send_signal(signal.SIGUSR1)  # mtkit's faulthandler prints every thread's stack
         time.sleep(2)
         pytest.fail(f"{what}\nprocesses:\n" + "\n".join(states) + f"\noutput:\n{self.output()[-8000:]}")
