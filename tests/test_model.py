@@ -151,3 +151,29 @@ def test_info_nce_matches_brute_force():
         logits = torch.stack([cos(a[i], c) for c in torch.cat([p, n])]) / 0.05
         total += -torch.log_softmax(logits, 0)[i]
     assert torch.allclose(objectives.info_nce(a, p, n, 0.05), total / 4, atol=1e-5)
+
+
+def test_loading_reports_only_weights_that_matter(tmp_path, caplog, capfd):
+    # A pre-training checkpoint: a pooler, which a mean-pooling encoder drops on purpose (not worth a word),
+    # and MLM / next-sentence heads, which no encoder uses (reported once, by mtkit's logger). transformers'
+    # own load report table stays off the console.
+    from transformers import BertConfig, BertForPreTraining, BertModel
+
+    from mtkit.config import BUNDLED_MODEL
+    from mtkit.model.encoder import resolve_model_path
+    config = BertConfig.from_pretrained(resolve_model_path(BUNDLED_MODEL), hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64)
+    BertForPreTraining(config).save_pretrained(tmp_path / "pretraining")
+    BertModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "no_pooler")
+    for pooling in ("mean", "pooler"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mtkit.model"):
+            Encoder(ModelConfig(name_or_path=str(tmp_path / "pretraining"), pooling=pooling))
+        assert "LOAD REPORT" not in capfd.readouterr().err
+        (record,) = caplog.records
+        assert "checkpoint weights are not used" in record.message and "cls.predictions" in record.message
+        assert "pooler" not in record.message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mtkit.model"):
+        Encoder(ModelConfig(name_or_path=str(tmp_path / "no_pooler"), pooling="pooler"))
+    assert ["no pooler weights" in r.message for r in caplog.records] == [True]

@@ -1,12 +1,14 @@
 """Sentence encoder: any HF BERT-family model plus a pooling of its token states."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from mtkit.config import BUNDLED_MODEL, ModelConfig
 
@@ -22,6 +24,37 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(resolve_model_path(cfg.name_or_path))
+
+
+@contextlib.contextmanager
+def _transformers_errors_only():
+    """transformers reports every load at warning level, a table of checkpoint keys the model did not use
+    included: for mtkit's own encoders (no pooler unless pooling: pooler) that is noise on every run.
+    `_report_loading` says what matters instead."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _report_loading(name: str, info: dict, keep_pooler: bool) -> None:
+    def pooler(key: str) -> bool:  # "pooler.dense.weight", or "bert.pooler..." from a task model's checkpoint
+        return ("." + key).find(".pooler.") >= 0
+
+    unused = [k for k in info["unexpected_keys"] if keep_pooler or not pooler(k)]
+    missing = info["missing_keys"]
+    if keep_pooler and any(pooler(k) for k in missing):
+        log.warning("%s has no pooler weights: the pooler dense layer starts random and is trained "
+                    "with the encoder (consider pooling: mean or cls)", name)
+        missing = [k for k in missing if not pooler(k)]
+    if missing:
+        log.warning("%s: %d weights are not in the checkpoint and start random: %s", name, len(missing),
+                    ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+    if unused:
+        log.warning("%s: %d checkpoint weights are not used by the encoder: %s", name, len(unused),
+                    ", ".join(unused[:10]) + (" ..." if len(unused) > 10 else ""))
 
 
 class Encoder(nn.Module):
@@ -45,11 +78,10 @@ class Encoder(nn.Module):
         if cfg.random_init:
             self.bert = AutoModel.from_config(hf_config, add_pooling_layer=keep_pooler)
         else:
-            self.bert, info = AutoModel.from_pretrained(path, config=hf_config, output_loading_info=True,
-                                                        add_pooling_layer=keep_pooler)
-            if keep_pooler and any(k.startswith("pooler.") for k in info["missing_keys"]):
-                log.warning("%s has no pooler weights: the pooler dense layer starts random and is trained "
-                            "with the encoder (consider pooling: mean or cls)", cfg.name_or_path)
+            with _transformers_errors_only():
+                self.bert, info = AutoModel.from_pretrained(path, config=hf_config, output_loading_info=True,
+                                                            add_pooling_layer=keep_pooler)
+            _report_loading(cfg.name_or_path, info, keep_pooler)
         if keep_pooler and getattr(self.bert, "pooler", None) is None:
             raise ValueError(f"pooling 'pooler': {type(self.bert).__name__} has no pooler layer")
         self.pooling = cfg.pooling
