@@ -48,8 +48,8 @@ class HandLoop:
     (a linear layer or two each), copied with their initial weights."""
 
     def __init__(self, cfg, checks: bool):
-        unsupported = [t.name for t in cfg.tasks if t.kind not in ("classification", "pair_classification",
-                                                                   "pair_regression") or t.loss != "auto"]
+        unsupported = [t.name for t in cfg.trained_tasks() if t.kind not in (
+            "classification", "pair_classification", "pair_regression") or t.loss != "auto"]
         if unsupported or cfg.model.pooling != "mean" or cfg.model.task_layers or cfg.train.grad_accum != 1:
             raise ValueError(f"the hand loop covers mean pooling, no task layers, grad_accum 1 and tasks with "
                              f"the default losses (cross-entropy, MSE); not tasks {unsupported} of {cfg.name}")
@@ -64,7 +64,7 @@ class HandLoop:
         groups = [{"params": decay, "lr": cfg.optim.encoder_lr, "weight_decay": cfg.optim.encoder_weight_decay},
                   {"params": no_decay, "lr": cfg.optim.encoder_lr, "weight_decay": 0.0}]
         groups += [{"params": list(self.heads[t.name].parameters()), "lr": t.lr, "weight_decay": t.weight_decay}
-                   for t in cfg.tasks if list(self.heads[t.name].parameters())]
+                   for t in cfg.trained_tasks() if list(self.heads[t.name].parameters())]
         self.optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.params = params
         self.checks = checks
