@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import io
 import json
 import os
 import signal
@@ -58,11 +59,19 @@ def parse(argv: list[str], prog: str = "mtkit train") -> tuple[argparse.Namespac
     return args, overrides
 
 
+def _stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints where a run that seems hung is (every thread's stack, on stderr) and lets it
+    go on. Not where there is no SIGUSR1, or where stderr is no file (a notebook, a captured stream)."""
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        pass
+
+
 def train_main(argv: list[str] | None = None, prog: str = "mtkit train") -> None:
     args, overrides = parse(sys.argv[1:] if argv is None else argv, prog)
     progress.setup_logging(args.quiet)
-    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints where a run that seems hung is, and it goes on
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _stacks_on_sigusr1()
     from mtkit.checkpoint import RunFolderError
     from mtkit.loop import TrainingStopped
     from mtkit.pipeline import run_any
