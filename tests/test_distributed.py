@@ -177,9 +177,9 @@ def test_torchrun_launch(data, tmp_path):
 
 
 def test_two_nodes_of_one_rank_equal_one_node_of_two(data, tmp_path):
-    # What changes between nodes: each rank is LOCAL_RANK 0 of its node, DeepSpeed cannot use its
-    # shared-memory all-reduce across nodes (gloo over TCP instead), and the rendezvous is torchrun's
-    # static one. The run folder and data cache stand for a shared file system.
+    # What changes between nodes: each rank is LOCAL_RANK 0 of its node (LOCAL_WORLD_SIZE 1), so anything
+    # decided by the local rank would run twice, and the rendezvous is torchrun's static one across
+    # agents. The run folder and data cache stand for a shared file system.
     args = ["--config", "configs/debug_tiny.yaml", *common(*data), "--train.batch_size=8", CROSS,
             "--deepspeed.config=configs/deepspeed/zero2.json"]
     nodes, single = tmp_path / "nodes", tmp_path / "single"
