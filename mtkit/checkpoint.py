@@ -66,7 +66,7 @@ def save(engine, root: Path, step: int, client: dict, dist, keep: int = 2) -> Pa
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(root / "latest", final.name)
+            point_latest(root, final)
     except (OSError, RuntimeError) as e:  # torch reports a failed write (a full disk) as RuntimeError
         if dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial copy took
@@ -200,6 +200,11 @@ def _write_atomic(path: Path, text: str) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise RunFolderError(f"cannot write {path}: {_cause(e)}; the previous file, if any, is intact") from e
+
+
+def point_latest(root: Path, path: Path) -> None:
+    """Name `path` in `root/latest`: the bare folder name, as DeepSpeed's own tools (zero_to_fp32.py) read it."""
+    _write_atomic(root / "latest", path.name)
 
 
 def write_json(path: Path, obj) -> None:

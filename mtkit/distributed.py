@@ -220,26 +220,11 @@ def close_one_rank_group() -> None:
     atexit.unregister(close_one_rank_group)
 
 
-# DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp) maps one ~70 MB POSIX shared-memory workspace per
-# rank when all ranks share a machine, and never unlinks it: every launch would leave its workspaces in
-# /dev/shm, which is RAM, until reboot. A few dozen runs fill a workstation.
+# DeepSpeed's CPU shared-memory all-reduce (ops/csrc/cpu/comm/shm.cpp) maps one ~70 MB POSIX workspace per
+# rank and never unlinks it, which keeps that RAM until reboot. mtkit's engine does not build the op; other
+# DeepSpeed programs on the machine still leave these files behind.
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "deepspeed_allreduce_buffer"
-
-
-def shm_workspace(rank: int) -> Path:
-    """This launch's workspace for `rank` (named from the uid and the launcher's MASTER_ADDR/PORT)."""
-    return SHM_DIR / (f"{SHM_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                      f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-
-
-def release_shm_workspace(dist: Dist) -> None:
-    """Unlink this rank's workspace once every rank has mapped every workspace (all ranks are past
-    `deepspeed.initialize`, hence the barrier). The mappings stay valid; the memory goes back when the
-    processes exit, however they exit."""
-    dist.barrier()
-    with contextlib.suppress(FileNotFoundError):
-        shm_workspace(dist.rank).unlink()
 
 
 def stale_shm_workspaces() -> list[Path]:

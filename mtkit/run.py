@@ -254,6 +254,7 @@ def plan_start(out: Path, cfg: Config, resume: str | None, overwrite: bool, allo
     past += [{"key": k, "old": o, "new": n, "resumed_at_step": step} for k, (o, n) in changes.items()]
     if changes:
         log.warning("resuming %s with changed settings (allowed): %s", path, ", ".join(changes))
+    log.info("resuming from %s (step %d)", path, step)
     root = out / "checkpoints"
     drop = [root / f"step_{s}" for s in checkpoint.steps(root) if s > step]
     return Start(checkpoint=path, step=step, drop=drop, config=new,
@@ -305,7 +306,7 @@ def _prepare(out: Path, start: Start) -> None:
         # The resumed run rewrites everything after its checkpoint: drop what the old one logged there.
         (out / "results.json").unlink(missing_ok=True)
         if start.checkpoint.parent == out / "checkpoints":
-            checkpoint.write_json(out / "checkpoints" / "latest", start.checkpoint.name)
+            checkpoint.point_latest(out / "checkpoints", start.checkpoint)
         dropped = sum(checkpoint.truncate_jsonl(out / name, lambda r: r["step"] <= start.step)
                       for name in ("diagnostics.jsonl", report.JSONL_FILE))
         for trace in sorted((out / "trace").glob("rank*.jsonl")):  # a trace line's step is 0-based

@@ -25,6 +25,8 @@ from conftest import REPO
 from mtkit.distributed import SHM_DIR, SHM_PREFIX
 
 TIMEOUT_S = 300  # a hung launch fails the test instead of CI
+# Launches compile into this folder if they compile anything; mtkit's DeepSpeed engine must not (see deepspeed()).
+_EXTENSIONS = tempfile.TemporaryDirectory(prefix="mtkit-test-torch-extensions-")
 
 
 # ---------------------------------------------------------------- gloo ranks spawned in-process
@@ -113,7 +115,7 @@ def launch_port() -> int:
 def env() -> dict:
     e = dict(os.environ)
     e["OMP_NUM_THREADS"] = "1"
-    e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    e["TORCH_EXTENSIONS_DIR"] = _EXTENSIONS.name
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     return e
 
@@ -161,7 +163,11 @@ class Started:
         self.out, self.err = (open(path, "wb") for path in self.logs)
         self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL, cwd=REPO,
                                      env={**env(), **(extra_env or {})}, start_new_session=True)
-        self.seen: set[int] = {self.proc.pid}
+        # psutil.Process objects, not pids: killing one checks it is still the same process, so a pid that a
+        # dead child freed and the system gave to an unrelated process is never signalled.
+        self.seen: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.Error):
+            self.seen[self.proc.pid] = psutil.Process(self.proc.pid)
 
     def output(self) -> str:
         # Read while the process may be writing: the files can end inside a multi-byte character (a
@@ -170,13 +176,15 @@ class Started:
 
     def processes(self) -> list[psutil.Process]:
         """The launch and every process it started (remembered, so orphans are found too)."""
+        launch = self.seen.get(self.proc.pid)
         with contextlib.suppress(psutil.Error):
-            self.seen |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+            if launch and launch.is_running():
+                for p in launch.children(recursive=True):
+                    self.seen[p.pid] = p
         alive = []
-        for pid in self.seen:
+        for p in self.seen.values():
             with contextlib.suppress(psutil.Error):
-                p = psutil.Process(pid)
-                if p.status() != psutil.STATUS_ZOMBIE:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
                     alive.append(p)
         return alive
 
@@ -269,8 +277,10 @@ def deepspeed(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedPr
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-4000:]}")
-    # mtkit's DeepSpeed engine releases the CPU all-reduce memory; a leak would fill the machine's RAM.
+    # mtkit's DeepSpeed engine skips the CPU shared-memory all-reduce: no compiler run on a first launch (tens
+    # of seconds), and no ~70 MB of /dev/shm per rank left behind until reboot.
     assert not shm_workspaces(port), f"DeepSpeed shared-memory workspaces left behind: {shm_workspaces(port)}"
+    assert not os.listdir(_EXTENSIONS.name), f"the launch compiled {os.listdir(_EXTENSIONS.name)}"
     return proc
 
 

@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,10 @@ def deepspeed_cmd(out: Path, *args: str, port: int) -> list[str]:
             "launchers/train.py", "--config", "configs/debug_tiny.yaml", "--out", str(out), *args]
 
 
-def has_checkpoint(out: Path):
-    return lambda: (out / "checkpoints" / "latest").exists()
+def has_checkpoint(out: Path, past: int = -1):
+    """A condition: `latest` names a checkpoint of a step after `past`."""
+    latest = out / "checkpoints" / "latest"
+    return lambda: latest.exists() and int(latest.read_text().strip().removeprefix("step_")) > past
 
 
 def stop_step(out: Path, ranks: int = 1) -> int:
@@ -108,9 +111,12 @@ def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(data
     assert "--resume auto" in output
     assert not (out / "results.json").exists()  # a stopped run is not a finished one
 
-    train(out, *args, f"--train.max_steps={s + 3}", FINITE, ranks=1, resume="auto")
     reference = tmp_path / "reference"
-    train(reference, *args, f"--train.max_steps={s + 3}", ranks=1)
+    with ThreadPoolExecutor(2) as pool:  # one thread per process each: side by side on two cores
+        runs = [pool.submit(train, out, *args, f"--train.max_steps={s + 3}", FINITE, ranks=1, resume="auto"),
+                pool.submit(train, reference, *args, f"--train.max_steps={s + 3}", ranks=1)]
+        for r in runs:
+            r.result()
     assert json.loads((out / "results.json").read_text())["steps"] == s + 3
     assert scalars(out, "train/loss/") == scalars(reference, "train/loss/")  # every step, before and after s
     digests = [json.loads((d / "results.json").read_text())["rank_weight_digests"] for d in (out, reference)]
@@ -119,6 +125,9 @@ def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(data
 
 # ---------------------------------------------------------------- timeouts
 
+COLLECTIVE_S = 3
+
+
 def _timeout_worker(rank: int, out_dir: str) -> None:
     out = Path(out_dir)
     (out / f"started{rank}").touch()  # start the rendezvous together: its wait is bounded by the timeout too
@@ -126,9 +135,10 @@ def _timeout_worker(rank: int, out_dir: str) -> None:
         time.sleep(0.05)
     os.environ.update(WORLD_SIZE="2", RANK=str(rank))
     # A file store, as in the shared spawn helper: no TCP port for another process to take first.
-    dist = init_distributed("cpu", timeout_s=5, barrier_timeout_s=120, init_method=f"file://{out / 'store'}")
+    dist = init_distributed("cpu", timeout_s=COLLECTIVE_S, barrier_timeout_s=120,
+                            init_method=f"file://{out / 'store'}")
     if rank == 0:
-        time.sleep(7)  # alone for longer than the collective timeout, as when writing the best model
+        time.sleep(COLLECTIVE_S + 2)  # alone for longer than the collective timeout, as when writing the best model
     dist.barrier()      # ...and the barrier waits for it
     if rank == 0:
         start = time.monotonic()
@@ -156,51 +166,71 @@ def test_collectives_time_out_but_barriers_wait_for_a_slow_rank(tmp_path):
             pytest.fail("workers hung")
     result = torch.load(tmp_path / "rank0.pt")
     assert result["error"] and "Timed out" in result["error"], result
-    assert result["waited_s"] < 120  # the collective's own timeout ended the wait, not the barrier's
+    assert COLLECTIVE_S - 1 < result["waited_s"] < 120  # the collective's own timeout ended the wait, not the barrier's
 
 
 # ---------------------------------------------------------------- DeepSpeed, 2 ranks
 
-@pytest.mark.slow
-@pytest.mark.parametrize("target", ["rank1", "group"])
-def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(target, data, tmp_path):
-    args = [*common(*data), "--train.batch_size=8"]
-    out = tmp_path / "run"
-    with launch_ready(lambda port: [(deepspeed_cmd(out, *args, ENDLESS, port=port), None)], tmp_path / "logs",
+def ds_args(data) -> list[str]:
+    return [*common(*data), "--train.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def stopped_by_rank1(data, tmp_path_factory):
+    """A 2-rank DeepSpeed run stopped by SIGTERM to rank 1 alone: (run folder, stop step, output, port). Its
+    values are read here, once: a later test continues the run in the same folder."""
+    tmp = tmp_path_factory.mktemp("stopped_by_rank1")
+    out = tmp / "run"
+    with launch_ready(lambda port: [(deepspeed_cmd(out, *ds_args(data), ENDLESS, port=port), None)], tmp / "logs",
                       has_checkpoint(out), "first checkpoint") as (port, (run,)):
-        if target == "rank1":
-            run.rank(1).send_signal(signal.SIGTERM)  # rank 0 learns of it through the step's all-reduce
-            assert run.wait_exit(STOP_S) == 0, run.output()[-4000:]
-        else:
-            # Ctrl-C in a terminal or a scheduler: every process of the launch gets the signal, and
-            # DeepSpeed's launch.py sends its ranks a second one. The `deepspeed` command itself has no
-            # handler and dies of it; the ranks checkpoint and exit 0 before launch.py's 30 s grace ends.
-            os.killpg(run.proc.pid, signal.SIGTERM)
-            run.wait_gone(STOP_S)
+        run.rank(1).send_signal(signal.SIGTERM)  # rank 0 learns of it through the step's all-reduce
+        code = run.wait_exit(STOP_S)
+        output = run.output()
+    assert code == 0, output[-4000:]
+    return out, stop_step(out, ranks=2), output, port
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(stopped_by_rank1):
+    out, s, output, port = stopped_by_rank1
+    assert f"stopped after step {s} of 100000" in output and "--resume auto" in output
+    assert not shm_workspaces(port)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launch_group_stops_every_rank_with_a_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    with launch_ready(lambda port: [(deepspeed_cmd(out, *ds_args(data), ENDLESS, port=port), None)],
+                      tmp_path / "logs", has_checkpoint(out), "first checkpoint") as (port, (run,)):
+        # Ctrl-C in a terminal or a scheduler: every process of the launch gets the signal, and DeepSpeed's
+        # launch.py sends its ranks a second one. The `deepspeed` command itself has no handler and dies of
+        # it; the ranks checkpoint and exit 0 before launch.py's 30 s grace ends.
+        os.killpg(run.proc.pid, signal.SIGTERM)
+        run.wait_gone(STOP_S)
         output = run.output()
     s = stop_step(out, ranks=2)
     assert f"stopped after step {s} of 100000" in output and "--resume auto" in output
     assert not shm_workspaces(port)
-    if target == "rank1":  # the stop checkpoint resumes under DeepSpeed like any other
-        train(out, *args, f"--train.max_steps={s + 2}", FINITE, resume="auto")
-        r = json.loads((out / "results.json").read_text())
-        assert r["steps"] == s + 2 and r["rank_weight_digests"][0] == r["rank_weight_digests"][1]
 
 
 @pytest.mark.slow
-def test_ranks_stop_with_a_checkpoint_when_the_launcher_is_killed(data, tmp_path):
-    out = tmp_path / "run"
-    with launch_ready(lambda port: [(deepspeed_cmd(out, *common(*data), "--train.batch_size=8", ENDLESS, port=port),
-                                     None)], tmp_path / "logs", has_checkpoint(out), "first checkpoint") as (_, (run,)):
+def test_a_stopped_run_resumes_and_its_ranks_stop_when_the_launcher_is_killed(stopped_by_rank1, data):
+    out, s, _, _ = stopped_by_rank1
+    # The stop checkpoint resumes under DeepSpeed like any other; the resumed run goes on past it...
+    with launch_ready(lambda port: [(deepspeed_cmd(out, *ds_args(data), ENDLESS, "--resume", "auto", port=port),
+                                     None)], out.parent / "resumed", has_checkpoint(out, past=s),
+                      "a checkpoint past the stop") as (_, (run,)):
         ranks = [run.rank(0), run.rank(1)]
-        # Only the `deepspeed` command: DeepSpeed's launch.py under it neither notices nor stops its ranks.
+        # ...until its `deepspeed` command is killed: DeepSpeed's launch.py under it neither notices nor stops
+        # its ranks, which poll their launcher chain every second, then finish a step and save.
         run.proc.kill()
-        run.wait_gone(STOP_S)  # the ranks poll their launcher chain every second, then finish a step and save
+        run.wait_gone(STOP_S)
         output = run.output()
     assert all(not r.is_running() for r in ranks)
-    s = stop_step(out, ranks=2)
+    s2 = stop_step(out, ranks=2)
+    assert s2 > s and re.search(rf"resuming from \S*step_{s} \(step {s}\)", output), output[-4000:]
     # The stop came from a rank's launcher watch: nothing else signalled the ranks.
-    assert f"stopped after step {s} of 100000 (" in output
+    assert f"stopped after step {s2} of 100000 (" in output
 
 
 @pytest.mark.slow

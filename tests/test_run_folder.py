@@ -20,7 +20,7 @@ from mtkit import checkpoint
 from mtkit.checkpoint import RunFolderError
 from mtkit.cli import CLI
 from mtkit.pipeline import run_pipeline
-from mtkit.run import run
+from mtkit.run import Start, _prepare, run
 
 from conftest import CONFIGS, REPO, tiny_config, write_toy_data
 from test_smoke import scalars
@@ -167,6 +167,17 @@ def resumed(data, reference, tmp_path_factory):
     out = copy_of(reference, tmp_path_factory.mktemp("resumed"))
     run(cfg(data, **{"train.eval_batch_size": 7}), out, resume=str(out / "checkpoints" / "step_12"))
     return out
+
+
+def test_a_resume_points_latest_at_its_checkpoint_as_a_save_does(reference, tmp_path, caplog):
+    # Until the resumed run writes its next checkpoint, `latest` must name the one it continued from, in the
+    # form a save writes and DeepSpeed's zero_to_fp32.py reads: a bare folder name (it was once JSON-quoted).
+    out = copy_of(reference, tmp_path)
+    step_12 = out / "checkpoints" / "step_12"
+    _prepare(out, Start(checkpoint=step_12, step=12, drop=[out / "checkpoints" / "step_18"]))
+    assert (out / "checkpoints" / "latest").read_text() == "step_12"
+    caplog.clear()  # of the warning that step 18 is removed
+    assert checkpoint.latest(out / "checkpoints") == step_12 and not caplog.records
 
 
 def test_harmless_change_resumes_exactly(reference, resumed):

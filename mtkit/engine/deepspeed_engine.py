@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from mtkit.config import Config, ConfigError, deepspeed_conflict, deepspeed_owned, read_deepspeed_json
-from mtkit.distributed import release_shm_workspace
 from mtkit.engine.base import Engine, GroupMaskedAdamW, active_groups, lr_lambdas
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 DEFAULT_ZERO_STAGE = 1
@@ -51,6 +51,16 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
+def skip_shared_memory_all_reduce() -> None:
+    """Tell DeepSpeed not to build its CPU shared-memory all-reduce op.
+
+    DeepSpeed compiles it (C++, tens of seconds, a compiler needed) on a CPU run's first launch and maps a
+    ~70 MB /dev/shm workspace per rank, yet only its inference tensor parallelism calls it: training's
+    collectives go through torch.distributed either way. The op table is a dict DeepSpeed keeps for the
+    process, and an op marked incompatible there is not built."""
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, model: torch.nn.Module, cfg: Config, total_steps: int, dist):
         self.device = dist.device
@@ -61,10 +71,10 @@ class DeepSpeedEngine(Engine):
         # Ranks load and tokenize their data at their own pace: wait for the slowest here, under the long
         # barrier timeout, rather than in DeepSpeed's first broadcast, which the collective timeout bounds.
         dist.barrier()
+        skip_shared_memory_all_reduce()
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=model.to(self.device), optimizer=self.optimizer, lr_scheduler=scheduler,
             config=self.config, dist_init_required=False)
-        release_shm_workspace(dist)
         self.module = self.ds.module
         self.zero_stage = self.ds.zero_optimization_stage()
         self.precision = cfg.train.precision
