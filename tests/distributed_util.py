@@ -141,13 +141,20 @@ def port_attempts():
         yield launch_port(), attempt == LAUNCH_ATTEMPTS
 
 
+def retry_on_another_port(port: int, last: bool, outputs: list[str]) -> bool:
+    """Whether a failed launch is tried again: only when it lost its port to another process, and tries remain."""
+    if last or not any(ADDRESS_IN_USE.search(o) for o in outputs):
+        return False
+    print(f"port {port} was taken during the launch; retrying on another one", file=sys.stderr)
+    return True
+
+
 def launch(cmd_for_port: Callable[[int], list[str]]) -> tuple[subprocess.CompletedProcess, int]:
     """Run the launch command built for a fresh port to its end; again on another port if the port was taken."""
     for port, last in port_attempts():
         proc = run(cmd_for_port(port))
-        if last or proc.returncode == 0 or not ADDRESS_IN_USE.search(proc.stdout + proc.stderr):
+        if proc.returncode == 0 or not retry_on_another_port(port, last, [proc.stdout + proc.stderr]):
             return proc, port
-        print(f"port {port} was taken during the launch; retrying on another one", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- live launches (signalled while they run)
@@ -259,7 +266,7 @@ def launch_ready(processes_for_port, logs: Path, ready, what: str):
             try:
                 runs[0].wait_for(ready, what)
             except pytest.fail.Exception:
-                if not last and any(ADDRESS_IN_USE.search(r.output()) for r in runs):
+                if retry_on_another_port(port, last, [r.output() for r in runs]):
                     continue
                 raise
             yield port, runs
@@ -302,9 +309,8 @@ def torchrun_nodes(script: str, *args: str, logs: Path, nodes: int = 2) -> list[
                  "--master_addr", "127.0.0.1", "--master_port", str(port), script, *args],
                 logs / f"port{port}-node{k}")) for k in range(nodes)]
             ends = [(r.wait_exit(), r.output()) for r in runs]
-        if last or all(code == 0 for code, _ in ends) or not any(ADDRESS_IN_USE.search(o) for _, o in ends):
+        if all(code == 0 for code, _ in ends) or not retry_on_another_port(port, last, [o for _, o in ends]):
             return ends
-        print(f"port {port} was taken during the launch; retrying on another one", file=sys.stderr)
 
 
 def train(out: Path, *overrides: str, ranks: int = 2, resume: str | None = None):

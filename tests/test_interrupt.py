@@ -24,8 +24,8 @@ from test_smoke import scalars
 # A stop takes one tiny step and a checkpoint: seconds. A stop that has not happened by then will not, and
 # failing early (with the stacks) beats running into an outer time limit with no output.
 STOP_S = 120
-ENDLESS = "--train.max_steps=100000"  # runs until stopped; tests resume it with a finite max_steps
-# ...which changes a setting, so the resume says so (constant lr, no warmup: the run stays exact).
+ENDLESS = "--train.max_steps=100000"  # runs until stopped
+# A resume with a finite max_steps changes a setting, so it says so (constant lr, no warmup: the run stays exact).
 FINITE = "--allow-config-change"
 
 
@@ -112,7 +112,7 @@ def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(data
     assert not (out / "results.json").exists()  # a stopped run is not a finished one
 
     reference = tmp_path / "reference"
-    with ThreadPoolExecutor(2) as pool:  # one thread per process each: side by side on two cores
+    with ThreadPoolExecutor(2) as pool:  # independent single-threaded runs: side by side, a core each
         runs = [pool.submit(train, out, *args, f"--train.max_steps={s + 3}", FINITE, ranks=1, resume="auto"),
                 pool.submit(train, reference, *args, f"--train.max_steps={s + 3}", ranks=1)]
         for r in runs:
