@@ -195,7 +195,7 @@ def open_run_folder(out: Path, cfg: Config, resume: str | None, overwrite: bool,
     plan: Start | checkpoint.RunFolderError | None = None
     if dist.is_main:
         try:
-            plan = plan_start(out, cfg, resume, overwrite, allow_config_change)
+            plan = plan_start(out, cfg, resume, overwrite, allow_config_change, dist.world_size)
         except checkpoint.RunFolderError as e:
             plan = e
     plan = dist.all_gather_object(plan)[0]
@@ -207,7 +207,8 @@ def open_run_folder(out: Path, cfg: Config, resume: str | None, overwrite: bool,
     return plan
 
 
-def plan_start(out: Path, cfg: Config, resume: str | None, overwrite: bool, allow_config_change: bool) -> Start:
+def plan_start(out: Path, cfg: Config, resume: str | None, overwrite: bool, allow_config_change: bool,
+               world_size: int = 1) -> Start:
     new = config_mod.to_dict(cfg)
     held = run_outputs(out)
     if resume and overwrite:
@@ -220,7 +221,7 @@ def plan_start(out: Path, cfg: Config, resume: str | None, overwrite: bool, allo
                 "--overwrite to delete it and start over, or another --out")
         return Start(clear=bool(held), config=new, original=new)
     if resume == "auto":
-        path = checkpoint.latest(out / "checkpoints")
+        path = checkpoint.latest(out / "checkpoints", contents=True)
         if path is None:
             if (out / "results.json").exists():
                 raise checkpoint.RunFolderError(
@@ -237,9 +238,17 @@ def plan_start(out: Path, cfg: Config, resume: str | None, overwrite: bool, allo
         if not path.exists():
             raise checkpoint.RunFolderError(f"--resume {resume}: no such checkpoint folder (use --resume auto "
                                             "for the latest checkpoint of --out)")
-        why = checkpoint.problem(path)
+        why = checkpoint.problem(path, contents=True)
         if why:
             raise checkpoint.RunFolderError(f"--resume {resume}: not a complete checkpoint: {why}")
+    ranks = checkpoint.ranks_of(path)
+    if ranks != world_size:
+        # Each rank resumes its own RNG streams and, under ZeRO, its own optimizer shard: another number of
+        # ranks could not continue the run, exactly or at all.
+        how = f"deepspeed --num_gpus {ranks} launchers/train.py ..." if ranks > 1 else "one process"
+        raise checkpoint.RunFolderError(
+            f"{path} was written by {ranks} rank(s) and this run has {world_size}: resume it with {ranks} "
+            f"rank(s) ({how}), or start a new run (--overwrite or another --out)")
     step = checkpoint.step_of(path)
     stored, history = _stored_config(path, out)
     changes = config_changes(stored, new) if stored is not None else {}

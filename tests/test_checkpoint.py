@@ -89,6 +89,20 @@ def test_latest_naming_a_missing_folder_falls_back_to_the_newest_complete(tmp_pa
     assert "engine.pt is truncated or damaged (0 bytes" in caplog.text
 
 
+def test_damage_that_keeps_the_size_is_found_by_the_checksum_a_resume_reads(tmp_path, caplog):
+    e = engine()
+    root = tmp_path / "ckpt"
+    for step in (1, 2):
+        checkpoint.save(e, root, step, {"step": step}, Dist())
+    weights = root / "step_2" / "engine.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, inside the tensor data: torch.load would not notice
+    weights.write_bytes(bytes(data))
+    assert checkpoint.problem(root / "step_2") is None  # the size check alone passes it
+    assert checkpoint.latest(root, contents=True) == root / "step_1"
+    assert f"{weights} is damaged (same size as written, different contents" in caplog.text
+
+
 def test_a_truncated_checkpoint_loaded_by_path_names_the_file(tmp_path):
     e = engine()
     checkpoint.save(e, tmp_path, 1, {"step": 1}, Dist())

@@ -95,6 +95,20 @@ def test_resume_is_exact(zero_run, tmp_path, data):
     assert r_again["rank_weight_digests"] == r_full["rank_weight_digests"]
 
 
+def test_resume_with_another_number_of_ranks_is_refused_before_anything_is_built(zero_run, tmp_path, data):
+    _, out = zero_run
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    before = sorted(p.relative_to(again) for p in again.rglob("*"))
+    proc = run([sys.executable, "launchers/train.py", "--config", "configs/debug_tiny.yaml", "--out", str(again),
+                *common(*data), "--deepspeed.config=configs/deepspeed/zero1.json", "--train.batch_size=8",
+                CROSS, "--resume", "auto"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ("step_24 was written by 2 rank(s) and this run has 1: resume it with 2 rank(s) (deepspeed --num_gpus 2"
+            in proc.stderr), proc.stderr[-3000:]
+    assert sorted(p.relative_to(again) for p in again.rglob("*")) == before  # nothing touched
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_two_ranks_equal_one_rank_at_the_same_global_batch(stage, data, tmp_path):
     # fp32, no dropout: the only difference is the order of floating-point sums (rank-local means,

@@ -217,11 +217,20 @@ def test_allowed_config_change_is_recorded(data, reference, tmp_path):
 
 # ---------------------------------------------------------------- 4. damaged and missing checkpoints
 
-def test_damaged_latest_checkpoint_falls_back_to_the_one_before(data, reference, tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["truncated", "same size"])
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(damage, data, reference, tmp_path, caplog):
     out = copy_of(reference, tmp_path)
-    truncate(out / "checkpoints" / "step_18" / "engine.pt")
+    weights = out / "checkpoints" / "step_18" / "engine.pt"
+    if damage == "truncated":
+        truncate(weights)
+    else:  # a block's bits flipped in place, as a bad sector or a faulty copy leaves them
+        with open(weights, "r+b") as f:
+            f.seek(weights.stat().st_size // 2)
+            block = f.read(4096)
+            f.seek(-len(block), 1)
+            f.write(bytes(b ^ 0xFF for b in block))
     run(cfg(data), out, resume="auto")
-    assert f"{out / 'checkpoints' / 'step_18' / 'engine.pt'} is truncated or damaged" in caplog.text
+    assert f"{weights} is {'truncated or damaged' if damage == 'truncated' else 'damaged (same size'}" in caplog.text
     assert same_weights(model_at(out, 18), model_at(reference, 18))  # redone from step 12, exactly
     assert [r["step"] for r in records(out)] == [4, 8, 12, 16]
 
