@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable
@@ -119,3 +121,12 @@ def lr_lambdas(cfg: Config, groups: list[dict], total_steps: int) -> list[Callab
 
     lp = cfg.train.lp_steps if cfg.train.mode == "lp_ft" else 0
     return [schedule(lp if g["name"].startswith(("encoder", "top.")) else 0) for g in groups]
+
+
+def advance_schedule(scheduler) -> None:
+    """Step the lr schedule for an optimizer step that was skipped (a non-finite gradient). PyTorch warns when
+    a schedule steps before its optimizer ever has, which a skipped first step does; the warning concerns
+    schedules stepped once before training, and ours is a function of the step count."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+        scheduler.step()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mtkit.config import Config, ConfigError, deepspeed_conflict, deepspeed_owned, read_deepspeed_json
-from mtkit.engine.base import Engine, GroupMaskedAdamW, active_groups, lr_lambdas
+from mtkit.engine.base import Engine, GroupMaskedAdamW, active_groups, advance_schedule, lr_lambdas
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -108,7 +108,7 @@ class DeepSpeedEngine(Engine):
         if boundary and skip and not self.ds.was_step_applied():
             # DeepSpeed saw the non-finite gradient norm itself (ZeRO 1/2, its bf16 optimizer at stage 0) and
             # skipped the step, lr schedule included; advance the schedule as the torch engine does.
-            self.scheduler.step()
+            advance_schedule(self.scheduler)
         return boundary and not skip
 
     def lrs(self):

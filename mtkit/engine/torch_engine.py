@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
 from mtkit.config import Config
-from mtkit.engine.base import Engine, lr_lambdas
+from mtkit.engine.base import Engine, advance_schedule, lr_lambdas
 
 
 class TorchEngine(Engine):
@@ -49,12 +48,8 @@ class TorchEngine(Engine):
             return False
         if skip:
             # No scaler.update(): it needs the inf checks of an unscale_ or scaler.step in this step.
-            # (The scheduler's warning about stepping before the optimizer concerns schedules that step
-            # once before training; ours is a function of the step count.)
             self.optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
-                self.scheduler.step()
+            advance_schedule(self.scheduler)
             return False
         if self.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
