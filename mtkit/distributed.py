@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
+from mtkit import lineage
+
 
 @dataclass
 class Dist:
@@ -96,48 +98,11 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None, barri
         _barrier_group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=barrier_timeout_s))
     elif world == 1 and group and not tdist.is_initialized():
         _init_one_rank_group(backend, timeout)
-    launched = world > 1 or _is_deepspeed_launch(os.getppid())
-    return Dist(world, rank, local_rank, dev, launcher_chain() if launched else ())
+    launched = world > 1 or lineage.is_deepspeed_launch(os.getppid())
+    return Dist(world, rank, local_rank, dev, lineage.AT_START if launched else ())
 
 
 # ---------------------------------------------------------------- stopping
-
-def _parent_of(pid: int) -> int | None:
-    """The parent pid of `pid` from /proc (None when gone or without /proc)."""
-    if pid == os.getpid():
-        return os.getppid()
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"; comm may hold spaces
-
-
-def _is_deepspeed_launch(pid: int) -> bool:
-    try:
-        return b"deepspeed.launcher.launch" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-def ancestors(n: int) -> tuple[int, ...]:
-    """This process's parent, grandparent, ... (at most n)."""
-    chain, pid = [], os.getpid()
-    for _ in range(n):
-        pid = _parent_of(pid)
-        if pid is None:
-            break
-        chain.append(pid)
-    return tuple(chain)
-
-
-def launcher_chain() -> tuple[int, ...]:
-    """The processes whose death orphans this rank: its launcher (torchrun, DeepSpeed's per-node
-    `launch.py`), and above DeepSpeed's `launch.py` the `deepspeed` command itself, which a user or a
-    scheduler kills without `launch.py` noticing."""
-    parent = os.getppid()
-    return ancestors(2) if _is_deepspeed_launch(parent) else (parent,)
-
 
 class StopRequest:
     """Set by SIGTERM, SIGINT or the launcher's death; the loop reads `reason` once per optimizer step,
@@ -184,7 +149,7 @@ class StopRequest:
         # Polling, not PR_SET_PDEATHSIG: that signal covers only the direct parent, not the `deepspeed`
         # command above DeepSpeed's launch.py.
         while not self._done.wait(self.poll_s):
-            if ancestors(len(self.launcher)) != self.launcher:
+            if lineage.launcher_gone(self.launcher):
                 self.reason = self.reason or f"the launcher exited (pid {' or '.join(map(str, self.launcher))})"
                 return
 

@@ -182,18 +182,13 @@ class Started:
         return "".join(path.read_bytes().decode("utf-8", "replace") for path in self.logs)
 
     def processes(self) -> list[psutil.Process]:
-        """The launch and every process it started (remembered, so orphans are found too)."""
-        launch = self.seen.get(self.proc.pid)
-        with contextlib.suppress(psutil.Error):
-            if launch and launch.is_running():
-                for p in launch.children(recursive=True):
-                    self.seen[p.pid] = p
-        alive = []
-        for p in self.seen.values():
+        """The launch and every process it started, remembered: orphans are found too, and what they start."""
+        for p in [p for p in self.seen.values() if _alive(p)]:
             with contextlib.suppress(psutil.Error):
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-        return alive
+                for child in p.children(recursive=True):
+                    if not _alive(self.seen.get(child.pid)):  # new, or a dead one's pid given again
+                        self.seen[child.pid] = child
+        return [p for p in self.seen.values() if _alive(p)]
 
     def rank(self, r: int) -> psutil.Process:
         return next(p for p in self.processes() if f"--local_rank={r}" in p.cmdline())
@@ -244,6 +239,12 @@ class Started:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self.out.close(), self.err.close()
+
+
+def _alive(p: psutil.Process | None) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return p is not None and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    return False
 
 
 @contextlib.contextmanager

@@ -17,8 +17,9 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import write_toy_data
-from distributed_util import launch_ready, shm_workspaces, started, train
+from distributed_util import launch_port, launch_ready, shm_workspaces, started, train
 from mtkit.distributed import StopRequest, init_distributed
+from mtkit.lineage import is_deepspeed_launch
 from test_smoke import scalars
 
 # A stop takes one tiny step and a checkpoint: seconds. A stop that has not happened by then will not, and
@@ -231,6 +232,20 @@ def test_a_stopped_run_resumes_and_its_ranks_stop_when_the_launcher_is_killed(st
     assert s2 > s and re.search(rf"resuming from \S*step_{s} \(step {s}\)", output), output[-4000:]
     # The stop came from a rank's launcher watch: nothing else signalled the ranks.
     assert f"stopped after step {s2} of 100000 (" in output
+
+
+@pytest.mark.slow
+def test_ranks_stop_when_the_launcher_was_killed_before_they_started(data, tmp_path):
+    # The `deepspeed` command killed while DeepSpeed's launch.py is still importing: launch.py belongs to init
+    # by the time it starts the ranks, so no later look at their ancestors sees a change.
+    out = tmp_path / "run"
+    with started(deepspeed_cmd(out, *ds_args(data), ENDLESS, port=launch_port()), tmp_path / "logs") as run:
+        run.wait_for(lambda: any(is_deepspeed_launch(p.pid) for p in run.processes()), "DeepSpeed's launch.py")
+        run.proc.kill()
+        run.wait_gone(STOP_S)  # launch.py goes on to start the ranks: they must notice, stop and save
+        output = run.output()
+    s = stop_step(out, ranks=2)  # they stopped as soon as they could, with a checkpoint
+    assert f"stopped after step {s} of 100000 (the launcher exited" in output
 
 
 @pytest.mark.slow

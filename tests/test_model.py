@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mtkit import objectives
-from mtkit.config import DataConfig, ModelConfig, TaskConfig
+from mtkit.config import ModelConfig, TaskConfig
 from mtkit.data.dataset import collate
 from mtkit.model import DECODERS, MultiTaskModel
 from mtkit.model.encoder import Encoder
