@@ -244,8 +244,9 @@ def test_ranks_stop_when_the_launcher_was_killed_before_they_started(data, tmp_p
         run.proc.kill()
         run.wait_gone(STOP_S)  # launch.py goes on to start the ranks: they must notice, stop and save
         output = run.output()
-    s = stop_step(out, ranks=2)  # they stopped as soon as they could, with a checkpoint
-    assert f"stopped after step {s} of 100000 (the launcher exited" in output
+    s = stop_step(out, ranks=2)  # they stopped by themselves, with a checkpoint
+    # Rank 0 speaks for both: it saw the launcher gone itself, or learned of it from rank 1 in the step.
+    assert re.search(rf"stopped after step {s} of 100000 \((the launcher exited|another rank was asked)", output)
 
 
 @pytest.mark.slow
