@@ -12,7 +12,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import mtkit.lineage  # noqa: E402,F401  first: notes the launcher chain before the slow imports
 from mtkit.args import parse as _parse, train_main  # noqa: E402
 
 PROG = "launchers/train.py"

@@ -16,6 +16,7 @@ import signal
 import sys
 
 from mtkit import config as config_mod
+from mtkit import lineage  # noqa: F401  imported first by every entry point: notes the launchers early
 from mtkit import progress
 
 USAGE_NOTE = """\

@@ -193,8 +193,8 @@ SHM_PREFIX = "deepspeed_allreduce_buffer"
 
 
 def stale_shm_workspaces() -> list[Path]:
-    """This user's DeepSpeed workspaces that no live process maps: left by launches that died before
-    releasing them, or by DeepSpeed programs other than mtkit."""
+    """This user's DeepSpeed workspaces that no live process maps: left by DeepSpeed programs (other than
+    mtkit, whose engine does not build the op that maps them) and by earlier mtkit versions."""
     mine = {p for p in SHM_DIR.glob(f"{SHM_PREFIX}_{os.getuid()}_*") if p.is_file()}
     if not mine:  # the usual case: no need to read every process's maps
         return []

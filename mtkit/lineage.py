@@ -1,9 +1,9 @@
 """Which processes launched this one, read from /proc, and whether they are still there.
 
 A rank started by a launcher must stop when the launcher is killed, or it trains on, orphaned, to the end
-of the run. `AT_START` is the launcher chain as this module first saw it: entry points import it before
-their slow imports (torch, transformers, DeepSpeed take seconds), so a launcher killed while the rank
-starts up is noticed too. No torch here, for that reason.
+of the run. `AT_START` is the launcher chain as this module first saw it: the entry points' shared parser
+(`mtkit.args`) imports it before any slow import (torch, transformers, DeepSpeed take seconds), so a
+launcher killed while the rank starts up is noticed too. No torch here, for that reason.
 """
 from __future__ import annotations
 
