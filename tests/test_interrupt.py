@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from conftest import write_toy_data
 from distributed_util import launch_port, launch_ready, shm_workspaces, started, train
+from mtkit import checkpoint
 from mtkit.distributed import StopRequest, init_distributed
 from mtkit.lineage import is_deepspeed_launch
 from test_smoke import scalars
@@ -49,19 +50,25 @@ def deepspeed_cmd(out: Path, *args: str, port: int) -> list[str]:
             "launchers/train.py", "--config", "configs/debug_tiny.yaml", "--out", str(out), *args]
 
 
+def latest_step(out: Path) -> int | None:
+    latest = out / "checkpoints" / "latest"
+    return checkpoint.step_of(Path(latest.read_text().strip())) if latest.exists() else None
+
+
 def has_checkpoint(out: Path, past: int = -1):
     """A condition: `latest` names a checkpoint of a step after `past`."""
-    latest = out / "checkpoints" / "latest"
-    return lambda: latest.exists() and int(latest.read_text().strip().removeprefix("step_")) > past
+    def ready() -> bool:
+        step = latest_step(out)
+        return step is not None and step > past
+    return ready
 
 
 def stop_step(out: Path, ranks: int = 1) -> int:
     """The step of the checkpoint `latest` names, after checking it is complete for every rank."""
-    name = (out / "checkpoints" / "latest").read_text().strip()
-    step = int(name.removeprefix("step_"))
+    step = latest_step(out)
     for r in range(ranks):
-        client = torch.load(out / "checkpoints" / name / f"client_rank{r}.pt", weights_only=False)["client"]
-        assert client["step"] == step
+        client = torch.load(out / "checkpoints" / f"step_{step}" / f"client_rank{r}.pt", weights_only=False)
+        assert client["client"]["step"] == step
     return step
 
 

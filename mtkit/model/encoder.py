@@ -41,7 +41,10 @@ def _transformers_errors_only():
 
 def _report_loading(name: str, info: dict, keep_pooler: bool) -> None:
     def pooler(key: str) -> bool:  # "pooler.dense.weight", or "bert.pooler..." from a task model's checkpoint
-        return ("." + key).find(".pooler.") >= 0
+        return ".pooler." in "." + key
+
+    def first(keys: list[str]) -> str:
+        return ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else "")
 
     unused = [k for k in info["unexpected_keys"] if keep_pooler or not pooler(k)]
     missing = info["missing_keys"]
@@ -51,10 +54,9 @@ def _report_loading(name: str, info: dict, keep_pooler: bool) -> None:
         missing = [k for k in missing if not pooler(k)]
     if missing:
         log.warning("%s: %d weights are not in the checkpoint and start random: %s", name, len(missing),
-                    ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+                    first(missing))
     if unused:
-        log.warning("%s: %d checkpoint weights are not used by the encoder: %s", name, len(unused),
-                    ", ".join(unused[:10]) + (" ..." if len(unused) > 10 else ""))
+        log.warning("%s: %d checkpoint weights are not used by the encoder: %s", name, len(unused), first(unused))
 
 
 class Encoder(nn.Module):
