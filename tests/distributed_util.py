@@ -173,6 +173,7 @@ class Started:
         # psutil.Process objects, not pids: killing one checks it is still the same process, so a pid that a
         # dead child freed and the system gave to an unrelated process is never signalled.
         self.seen: dict[int, psutil.Process] = {}
+        self.ranks: list[psutil.Process] = []  # the training processes among them, alive or not
         with contextlib.suppress(psutil.Error):
             self.seen[self.proc.pid] = psutil.Process(self.proc.pid)
 
@@ -188,7 +189,10 @@ class Started:
                 for child in p.children(recursive=True):
                     if not _alive(self.seen.get(child.pid)):  # new, or a dead one's pid given again
                         self.seen[child.pid] = child
-        return [p for p in self.seen.values() if _alive(p)]
+        alive = [p for p in self.seen.values() if _alive(p)]
+        # Asked again while alive: a child seen between its fork and its exec still shows its parent's command.
+        self.ranks += [p for p in alive if p not in self.ranks and _is_training(p)]
+        return alive
 
     def rank(self, r: int) -> psutil.Process:
         return next(p for p in self.processes() if f"--local_rank={r}" in p.cmdline())
@@ -201,8 +205,7 @@ class Started:
                 masks = " ".join(line.replace("\t", "") for line in status.splitlines()
                                  if line.startswith(("State", "SigBlk", "SigIgn", "SigCgt")))
                 states.append(f"{p.pid} {' '.join(p.cmdline()[:3])}: {masks}")
-                script = [a for a in p.cmdline()[1:] if not a.startswith("-")][:1]
-                if script == ["launchers/train.py"]:  # a training process, not a launcher (SIGUSR1 kills those)
+                if _is_training(p):  # not a launcher: SIGUSR1 would kill those
                     p.send_signal(signal.SIGUSR1)  # mtkit's faulthandler prints every thread's stack
         time.sleep(2)
         pytest.fail(f"{what}\nprocesses:\n" + "\n".join(states) + f"\noutput:\n{self.output()[-8000:]}")
@@ -231,6 +234,20 @@ class Started:
             time.sleep(0.2)
         self.proc.wait()
 
+    def wait_ranks_gone(self, deadline_s: float) -> None:
+        """Wait until the launch's training processes have started and all of them have exited. What is
+        tested is that the ranks stop; DeepSpeed's launchers take a few seconds more to notice and exit."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            alive = self.processes()
+            if self.ranks and not any(_alive(p) for p in self.ranks):
+                return
+            if not alive:
+                pytest.fail(f"the launch ended before its ranks started:\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                self.fail(f"ranks still running after {deadline_s} s")
+            time.sleep(0.2)
+
     def close(self) -> None:
         for p in self.processes():
             with contextlib.suppress(psutil.Error):
@@ -239,6 +256,13 @@ class Started:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self.out.close(), self.err.close()
+
+
+def _is_training(p: psutil.Process) -> bool:
+    """A training process (a rank), not a launcher: its script is launchers/train.py."""
+    with contextlib.suppress(psutil.Error):
+        return [a for a in p.cmdline()[1:] if not a.startswith("-")][:1] == ["launchers/train.py"]
+    return False
 
 
 def _alive(p: psutil.Process | None) -> bool:

@@ -16,10 +16,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import timeout_ranks
 from conftest import write_toy_data
 from distributed_util import launch_port, launch_ready, shm_workspaces, started, train
 from mtkit import checkpoint
-from mtkit.distributed import StopRequest, init_distributed
+from mtkit.distributed import StopRequest
 from mtkit.lineage import is_deepspeed_launch
 from test_smoke import scalars
 
@@ -133,48 +134,28 @@ def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(data
 
 # ---------------------------------------------------------------- timeouts
 
-COLLECTIVE_S = 3
-
-
-def _timeout_worker(rank: int, out_dir: str) -> None:
-    out = Path(out_dir)
-    (out / f"started{rank}").touch()  # start the rendezvous together: its wait is bounded by the timeout too
-    while not all((out / f"started{r}").exists() for r in (0, 1)):
-        time.sleep(0.05)
-    os.environ.update(WORLD_SIZE="2", RANK=str(rank))
-    # A file store, as in the shared spawn helper: no TCP port for another process to take first.
-    dist = init_distributed("cpu", timeout_s=COLLECTIVE_S, barrier_timeout_s=120,
-                            init_method=f"file://{out / 'store'}")
-    if rank == 0:
-        time.sleep(COLLECTIVE_S + 2)  # alone for longer than the collective timeout, as when writing the best model
-    dist.barrier()      # ...and the barrier waits for it
-    if rank == 0:
-        start = time.monotonic()
-        try:  # rank 1 hangs (below) and never joins this all-reduce
-            dist.any(torch.ones(1, dtype=torch.int32))
-            result = {"error": None}
-        except RuntimeError as e:
-            result = {"error": str(e), "waited_s": time.monotonic() - start}
-        torch.save(result, out / "rank0.pt")
-    while not (out / "rank0.pt").exists():
-        time.sleep(0.05)
-    os._exit(0)  # skip process-group teardown after a timed-out collective
+# The collective timeout also bounds the rendezvous; the ranks start it together (see timeout_ranks.py).
+COLLECTIVE_S = 2
+SLOW_S = COLLECTIVE_S + 1
 
 
 def test_collectives_time_out_but_barriers_wait_for_a_slow_rank(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
-        ctx = mp.start_processes(_timeout_worker, args=(str(tmp_path),), nprocs=2, join=False,
-                                 start_method="spawn")
+        ctx = mp.start_processes(timeout_ranks.main, args=(str(tmp_path), COLLECTIVE_S, SLOW_S), nprocs=2,
+                                 join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("workers hung")
-    result = torch.load(tmp_path / "rank0.pt")
-    assert result["error"] and "Timed out" in result["error"], result
-    assert COLLECTIVE_S - 1 < result["waited_s"] < 120  # the collective's own timeout ended the wait, not the barrier's
+            pytest.fail(f"ranks hung; results written: {sorted(p.name for p in tmp_path.glob('rank*.pt'))}")
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    # The barrier waited for the slow rank past the collective timeout...
+    assert COLLECTIVE_S < rank1["barrier_s"] < 120, rank1
+    # ...and the all-reduce the hung rank never joined ended at the collective's own timeout.
+    assert rank0["error"] and "Timed out" in rank0["error"], rank0
+    assert COLLECTIVE_S - 0.5 < rank0["all_reduce_s"] < COLLECTIVE_S + 30, rank0
 
 
 # ---------------------------------------------------------------- DeepSpeed, 2 ranks
@@ -214,7 +195,7 @@ def test_sigterm_to_the_launch_group_stops_every_rank_with_a_checkpoint(data, tm
         # launch.py sends its ranks a second one. The `deepspeed` command itself has no handler and dies of
         # it; the ranks checkpoint and exit 0 before launch.py's 30 s grace ends.
         os.killpg(run.proc.pid, signal.SIGTERM)
-        run.wait_gone(STOP_S)
+        run.wait_ranks_gone(STOP_S)
         output = run.output()
     s = stop_step(out, ranks=2)
     assert f"stopped after step {s} of 100000" in output and "--resume auto" in output
@@ -228,13 +209,11 @@ def test_a_stopped_run_resumes_and_its_ranks_stop_when_the_launcher_is_killed(st
     with launch_ready(lambda port: [(deepspeed_cmd(out, *ds_args(data), ENDLESS, "--resume", "auto", port=port),
                                      None)], out.parent / "resumed", has_checkpoint(out, past=s),
                       "a checkpoint past the stop") as (_, (run,)):
-        ranks = [run.rank(0), run.rank(1)]
         # ...until its `deepspeed` command is killed: DeepSpeed's launch.py under it neither notices nor stops
         # its ranks, which poll their launcher chain every second, then finish a step and save.
         run.proc.kill()
-        run.wait_gone(STOP_S)
+        run.wait_ranks_gone(STOP_S)
         output = run.output()
-    assert all(not r.is_running() for r in ranks)
     s2 = stop_step(out, ranks=2)
     assert s2 > s and re.search(rf"resuming from \S*step_{s} \(step {s}\)", output), output[-4000:]
     # The stop came from a rank's launcher watch: nothing else signalled the ranks.
@@ -249,7 +228,7 @@ def test_ranks_stop_when_the_launcher_was_killed_before_they_started(data, tmp_p
     with started(deepspeed_cmd(out, *ds_args(data), ENDLESS, port=launch_port()), tmp_path / "logs") as run:
         run.wait_for(lambda: any(is_deepspeed_launch(p.pid) for p in run.processes()), "DeepSpeed's launch.py")
         run.proc.kill()
-        run.wait_gone(STOP_S)  # launch.py goes on to start the ranks: they must notice, stop and save
+        run.wait_ranks_gone(STOP_S)  # launch.py goes on to start the ranks: they must notice, stop and save
         output = run.output()
     s = stop_step(out, ranks=2)  # they stopped by themselves, with a checkpoint
     # Rank 0 speaks for both: it saw the launcher gone itself, or learned of it from rank 1 in the step.
