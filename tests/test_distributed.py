@@ -109,12 +109,19 @@ def test_resume_with_another_number_of_ranks_is_refused_before_anything_is_built
     assert sorted(p.relative_to(again) for p in again.rglob("*")) == before  # nothing touched
 
 
+@pytest.fixture(scope="module")
+def one_rank(data, tmp_path_factory):
+    """One process at the global batch of two ranks of 8, fp32, no dropout: what every ZeRO stage must equal."""
+    out = tmp_path_factory.mktemp("one_rank") / "run"
+    train(out, *common(*data), *NO_DROPOUT, "--train.batch_size=16", "--train.engine=torch", ranks=1)
+    return out
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_two_ranks_equal_one_rank_at_the_same_global_batch(stage, data, tmp_path):
+def test_two_ranks_equal_one_rank_at_the_same_global_batch(stage, one_rank, data, tmp_path):
     # fp32, no dropout: the only difference is the order of floating-point sums (rank-local means,
     # then an all-reduce average), so weights agree to ~1e-6 and metrics to 1e-4.
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(one, *common(*data), *NO_DROPOUT, "--train.batch_size=16", "--train.engine=torch", ranks=1)
+    one, two = one_rank, tmp_path / "two"
     train(two, *common(*data), *NO_DROPOUT, "--train.batch_size=8",
           f"--deepspeed.config=configs/deepspeed/zero{stage}.json")
     a = torch.load(one / "best" / "model.pt")
@@ -274,11 +281,10 @@ def test_one_rank_process_group_is_torn_down(monkeypatch):
     assert not tdist.is_initialized() and not folder.exists() and "LOCAL_RANK" not in os.environ
 
 
-def test_single_process_deepspeed_equals_torch_engine(data, tmp_path):
+def test_single_process_deepspeed_equals_torch_engine(one_rank, data, tmp_path):
     # No launcher: the DeepSpeed engine gets a one-rank group of its own. fp32, no dropout, same batches,
     # so ZeRO-2 on one rank and the plain torch engine differ only in floating-point summation order.
-    torch_run, ds_run = tmp_path / "torch", tmp_path / "ds"
-    train(torch_run, *common(*data), *NO_DROPOUT, "--train.batch_size=16", "--train.engine=torch", ranks=1)
+    torch_run, ds_run = one_rank, tmp_path / "ds"
     train(ds_run, *common(*data), *NO_DROPOUT, "--train.batch_size=16",
           "--deepspeed.config=configs/deepspeed/zero2.json", ranks=1)
     r = json.loads((ds_run / "results.json").read_text())
