@@ -50,17 +50,30 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, root: Path, step: int, client: dict, dist, keep: int = 2) -> Path:
-    """Collective: every rank calls it. `client` holds loop state (step, sampler, best)."""
+    """Collective: every rank calls it. `client` holds loop state (step, sampler, best).
+
+    The ranks agree that each wrote its part before rank 0 publishes the checkpoint: when one rank's write
+    fails, every rank raises at once, instead of the others waiting for it at a barrier (or, were it to
+    carry on, rank 0 publishing a checkpoint without its part)."""
     final = root / f"step_{step}"
     tmp = root / f"step_{step}.tmp"
     try:
         if dist.is_main and tmp.exists():
             shutil.rmtree(tmp)
         dist.barrier()
-        engine.save(tmp)
-        # Each rank keeps its own RNG streams (dropout differs per rank).
-        torch.save({"client": client, "rng": rng_state()}, tmp / f"client_rank{dist.rank}.pt")
-        dist.barrier()
+        failure = None
+        try:
+            engine.save(tmp)
+            # Each rank keeps its own RNG streams (dropout differs per rank).
+            torch.save({"client": client, "rng": rng_state()}, tmp / f"client_rank{dist.rank}.pt")
+        except (OSError, RuntimeError) as e:  # torch reports a failed write (a full disk) as RuntimeError
+            failure = e
+        failed = dist.barrier_ranks(failure is not None)
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RuntimeError(f"rank(s) {', '.join(map(str, failed))} could not write their part (their own "
+                               "error names the cause)")
         if dist.is_main:
             for name in RUN_FILES:
                 if (root.parent / name).exists():
@@ -70,7 +83,7 @@ def save(engine, root: Path, step: int, client: dict, dist, keep: int = 2) -> Pa
                 shutil.rmtree(final)
             os.replace(tmp, final)
             point_latest(root, final)
-    except (OSError, RuntimeError) as e:  # torch reports a failed write (a full disk) as RuntimeError
+    except (OSError, RuntimeError) as e:
         if dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial copy took
         kept = latest(root)

@@ -62,6 +62,17 @@ class Dist:
         if self.world_size > 1:
             tdist.barrier(group=_barrier_group)
 
+    def barrier_ranks(self, flag: bool) -> list[int]:
+        """A barrier that also tells every rank which ranks raised `flag`, in rank order: how ranks agree
+        on whether each wrote its part of a checkpoint, with the barrier's patience for a slow writer."""
+        flags = torch.zeros(self.world_size, dtype=torch.int32)
+        flags[self.rank] = int(flag)
+        if self.world_size > 1:
+            # The barriers' group is gloo (CPU tensors); without one, the default group's device.
+            flags = flags.to("cpu" if _barrier_group is not None else self.device)
+            tdist.all_reduce(flags, group=_barrier_group)
+        return flags.nonzero().flatten().tolist()
+
     def all_gather_object(self, obj) -> list:
         if self.world_size == 1:
             return [obj]

@@ -1,7 +1,10 @@
 """A crash at any point of a save leaves `latest` naming a complete checkpoint; a damaged one is named
 and skipped."""
 import errno
+import functools
 import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from mtkit.distributed import Dist
 from mtkit.engine import TorchEngine
 from mtkit.model import MultiTaskModel
 
+from distributed_util import spawn_ranks
 from test_model import tasks, tiny_encoder
 
 
@@ -44,6 +48,53 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     # The next save replaces the debris of the crashed one.
     checkpoint.save(fresh, root, 2, {"step": 2}, Dist())
     assert checkpoint.latest(root) == root / "step_2" and not (root / "step_2.tmp").exists()
+
+
+class ShardEngine:
+    """Writes one file per rank, as DeepSpeed's ZeRO engine writes its optimizer shards."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({"shard": torch.full((4,), float(self.rank))}, path / f"shard_rank{self.rank}.pt")
+
+
+def _rank_with_a_full_disk(root: str, rank: int) -> dict:
+    """Two checkpoints; rank 1 cannot write its part of the second (a full disk on its node)."""
+    root, dist, e = Path(root), Dist(world_size=2, rank=rank), ShardEngine(rank)
+    checkpoint.save(e, root, 1, {"step": 1}, dist)
+    if rank == 1:
+        real_save = torch.save
+
+        def full_disk(obj, f, *args, **kwargs):
+            if "client_rank1" in str(f):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_save(obj, f, *args, **kwargs)
+
+        torch.save = full_disk
+    start = time.monotonic()
+    try:
+        checkpoint.save(e, root, 2, {"step": 2}, dist)
+        error = None
+    except checkpoint.RunFolderError as err:
+        error = str(err)
+    return {"error": error, "waited_s": time.monotonic() - start}
+
+
+@pytest.mark.slow
+def test_a_write_failing_on_one_rank_stops_every_rank_at_once_and_publishes_nothing(tmp_path):
+    root = tmp_path / "ckpt"
+    ranks = spawn_ranks(functools.partial(_rank_with_a_full_disk, str(root)), tmp_path / "ranks", world=2)
+    intact = f"the last complete checkpoint, {root / 'step_1'}, is intact"
+    assert ranks[1]["error"] == f"cannot write checkpoint {root / 'step_2.tmp'}: No space left on device; {intact}"
+    # Rank 0 wrote its part, and does not publish the checkpoint without rank 1's, nor wait for it.
+    assert ranks[0]["error"] == (f"cannot write checkpoint {root / 'step_2.tmp'}: rank(s) 1 could not write "
+                                 f"their part (their own error names the cause); {intact}")
+    assert all(r["waited_s"] < 60 for r in ranks), ranks  # well inside the helper's 90 s collective timeout
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_1"]
+    assert checkpoint.latest(root, contents=True) == root / "step_1"
 
 
 def test_keeps_the_newest_two(tmp_path):
