@@ -1,5 +1,5 @@
 """A crash at any point of a save leaves `latest` naming a complete checkpoint; a damaged one is named
-and skipped."""
+and skipped; a write that fails on one of two ranks stops both, and nothing is published."""
 import errno
 import functools
 import json
