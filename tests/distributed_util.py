@@ -31,24 +31,40 @@ _EXTENSIONS = tempfile.TemporaryDirectory(prefix="mtkit-test-torch-extensions-")
 
 # ---------------------------------------------------------------- gloo ranks spawned in-process
 
-def spawn_ranks(body: Callable[[int], dict], out_dir: Path, world: int, timeout_s: float = 180) -> list[dict]:
-    """Run `body(rank)` on `world` spawned gloo ranks and return each rank's result, in rank order.
+# Ranks are forked from one server process that imported these once, rather than each importing them
+# afresh (2-3 s a rank on two cores, for every spawn). The server starts with one BLAS and OpenMP thread,
+# so it holds no thread pools when it forks: as safe as starting a new interpreter.
+_PRELOAD = ["torch", "torch.distributed", "transformers", "scipy.stats", "mtkit.model", "mtkit.distributed",
+            "mtkit.run", "diagnostics"]
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_IN_FORK_SERVER = "MTKIT_TEST_FORK_SERVER"
+
+
+def spawn_ranks(body: Callable[[int], dict], out_dir: Path, world: int, timeout_s: float = 180,
+                group: bool = True) -> list[dict]:
+    """Run `body(rank)` on `world` gloo ranks and return each rank's result, in rank order.
 
     The helper owns the whole life cycle, so no test repeats it: the ranks meet through a file store in
     `out_dir` (no TCP port to race other processes for), every rank passes a barrier before the process
     group is destroyed (a rank that tears gloo down while its peer still talks to it can abort the
     peer's process with SIGABRT), results are written atomically, and collectives time out before the
     outer deadline so a hang surfaces as a Python error in the rank, not as a kill. `body` must be a
-    module-level function (the spawned processes import it)."""
+    module-level function (the ranks import it).
+
+    With `group=False` the body builds its own process group (e.g. through `mtkit.distributed`, with the
+    timeouts under test) and may leave it broken on purpose: each rank then waits on the file system for
+    every rank's result and exits without a collective or a teardown.
+
+    Each rank runs with the parent's environment and working directory of the moment; its output goes
+    to `rank{r}.log` in `out_dir`, whose end a failure message quotes."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = Path(tempfile.mkdtemp(prefix="rendezvous-", dir=out_dir)) / "store"  # fresh per spawn
     collective_timeout_s = timeout_s / 2
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
-        context = mp.start_processes(_rank_main, args=(body, world, str(store), str(out_dir),
-                                                       collective_timeout_s),
-                                     nprocs=world, join=False, start_method="spawn")
+    setting = {"env": {**os.environ, **_ONE_THREAD}, "cwd": os.getcwd(), "group": group}
+    context = mp.start_processes(_rank_main, args=(body, world, str(store), str(out_dir), collective_timeout_s,
+                                                   setting),
+                                 nprocs=world, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout_s
     try:
         while not context.join(timeout=1, grace_period=5):
@@ -57,36 +73,73 @@ def spawn_ranks(body: Callable[[int], dict], out_dir: Path, world: int, timeout_
                 for p in context.processes:
                     p.kill()
                 pytest.fail(f"ranks {hung} still running after {timeout_s:.0f} s (collective timeout "
-                            f"{collective_timeout_s:.0f} s); results written: {_written(out_dir, world)}",
-                            pytrace=False)
+                            f"{collective_timeout_s:.0f} s); {_report(out_dir, world)}", pytrace=False)
     except mp.ProcessRaisedException as err:
-        pytest.fail(f"rank {err.error_index} raised; results written: {_written(out_dir, world)}{err}",
-                    pytrace=False)
+        pytest.fail(f"rank {err.error_index} raised; {_report(out_dir, world)}{err}", pytrace=False)
     except mp.ProcessExitedException as err:
         how = f"signal {err.signal_name}" if err.signal_name else f"exit code {err.exit_code}"
-        pytest.fail(f"rank {err.error_index} (pid {err.error_pid}) died with {how} and no Python error; results "
-                    f"written: {_written(out_dir, world)}; the ranks' stderr is in the captured output",
-                    pytrace=False)
+        pytest.fail(f"rank {err.error_index} (pid {err.error_pid}) died with {how} and no Python error; "
+                    f"{_report(out_dir, world)}", pytrace=False)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def _rank_main(rank: int, body, world: int, store: str, out_dir: str, timeout_s: float) -> None:
+def _start_fork_server() -> None:
+    import multiprocessing.forkserver as forkserver
+    with pytest.MonkeyPatch.context() as patch:
+        for k, v in {**_ONE_THREAD, _IN_FORK_SERVER: "1"}.items():
+            patch.setenv(k, v)
+        forkserver.set_forkserver_preload(_PRELOAD)
+        forkserver.ensure_running()  # returns at once; the first spawn waits for the imports
+
+
+if _IN_FORK_SERVER not in os.environ:  # not in a rank, which imports this module too
+    _start_fork_server()  # now: its imports run on the other core while pytest collects the tests
+
+
+def _rank_main(rank: int, body, world: int, store: str, out_dir: str, timeout_s: float, setting: dict) -> None:
+    # Forked from the server, which started when this module was first imported: take this spawn's
+    # environment and folder, and streams of its own.
+    os.environ.clear()
+    os.environ.update(setting["env"])
+    os.chdir(setting["cwd"])
+    log = os.open(Path(out_dir) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for fd in (1, 2):
+        os.dup2(log, fd)
     torch.set_num_threads(1)
+    if not setting["group"]:
+        _save_result(body(rank), out_dir, rank)
+        while len(_written(Path(out_dir), world)) < world:  # a barrier that needs no process group
+            time.sleep(0.02)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        result = body(rank)
-        path = Path(out_dir) / f"rank{rank}.pt"
-        torch.save(result, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)  # the parent never reads half a file
+        _save_result(body(rank), out_dir, rank)
         dist.barrier()  # nobody destroys the group while a peer may still be using it
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _save_result(result: dict, out_dir: str, rank: int) -> None:
+    path = Path(out_dir) / f"rank{rank}.pt"
+    torch.save(result, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # the parent never reads half a file
+
+
 def _written(out_dir: Path, world: int) -> list[int]:
     return [r for r in range(world) if (out_dir / f"rank{r}.pt").exists()]
+
+
+def _report(out_dir: Path, world: int) -> str:
+    logs = "".join(f"\n--- end of rank{r}.log ---\n{_tail(out_dir / f'rank{r}.log')}" for r in range(world))
+    return f"results written: {_written(out_dir, world)}{logs}\n"
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(none)"
 
 
 # ---------------------------------------------------------------- real launches (deepspeed, torchrun)
