@@ -55,8 +55,9 @@ def spawn_ranks(body: Callable[[int], dict], out_dir: Path, world: int, timeout_
     timeouts under test) and may leave it broken on purpose: each rank then waits on the file system for
     every rank's result and exits without a collective or a teardown.
 
-    Each rank runs with the parent's environment and working directory of the moment; its output goes
-    to `rank{r}.log` in `out_dir`, whose end a failure message quotes."""
+    Each rank runs with the parent's environment and working directory of the moment (what the modules
+    in `_PRELOAD` read from the environment at import, they read once, in the server); its output goes to
+    `rank{r}.log` in `out_dir`, whose end a failure message quotes."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = Path(tempfile.mkdtemp(prefix="rendezvous-", dir=out_dir)) / "store"  # fresh per spawn
